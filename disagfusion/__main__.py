@@ -1,0 +1,3 @@
+from disagfusion.cli import main
+
+raise SystemExit(main())

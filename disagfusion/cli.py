@@ -1,0 +1,238 @@
+"""The `disagfusion` console script: worker, gateway, serve, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from disagfusion.worker.params import ROLES
+
+DEFAULT_MODEL = "builtin:tiny-unet"
+
+
+def _add_handoff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--handoff-delay-ms", type=float, default=0.0,
+                   help="emulated network time added to every hand-off (benchmarks)")
+    p.add_argument("--handoff-jitter-ms", type=float, default=0.0,
+                   help="uniform jitter around --handoff-delay-ms")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagfusion", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("DISAGFUSION_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run one stage worker")
+    w.add_argument("--stage", "--role", dest="role", choices=ROLES, required=True)
+    w.add_argument("--model", default=DEFAULT_MODEL)
+    w.add_argument("--port", type=int, required=True, help="gRPC port")
+    w.add_argument("--http-port", type=int, required=True, help="/healthz, /readyz, /metrics")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--next", default="", help="comma-separated gRPC addresses of the next stage")
+    w.add_argument("--pipeline", default="local")
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    w.add_argument("--queue-capacity", type=_positive_int, default=2)
+    w.add_argument("--no-overlap", action="store_true",
+                   help="synchronous hand-off: receive, compute, send one request at a time")
+    w.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    w.add_argument("--drain-timeout", type=float, default=120.0)
+    _add_handoff_args(w)
+
+    g = sub.add_parser("gateway", help="run the HTTP/gRPC gateway")
+    g.add_argument("--model", default=DEFAULT_MODEL)
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--grpc-port", type=int, required=True)
+    g.add_argument("--topology", required=True,
+                   help='JSON {"encoder": [addr...], "denoiser": [...], "decoder": [...]}'
+                        " or @file")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--advertise-host", default="127.0.0.1",
+                   help="host the workers use to send results back")
+    g.add_argument("--pipeline", default="local")
+    g.add_argument("--max-queue", type=_positive_int, default=32,
+                   help="accepted requests waiting for the first stage before 429")
+    g.add_argument("--max-pending", type=_positive_int, default=512)
+    g.add_argument("--request-timeout", type=float, default=300.0)
+    g.add_argument("--max-images", type=_positive_int, default=4)
+    _add_handoff_args(g)
+
+    s = sub.add_parser("serve", help="serve a pipeline")
+    s.add_argument("--local", action="store_true", required=True,
+                   help="run the gateway and stage workers as local processes")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--encoders", type=_positive_int, default=1)
+    s.add_argument("--denoisers", type=_positive_int, default=1)
+    s.add_argument("--decoders", type=_positive_int, default=1)
+    s.add_argument("--no-overlap", action="store_true")
+    s.add_argument("--threads", type=_positive_int, default=None)
+    s.add_argument("--max-queue", type=_positive_int, default=32)
+    s.add_argument("--log-dir", type=Path, default=None)
+    _add_handoff_args(s)
+
+    gen = sub.add_parser("generate", help="generate an image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    gen.add_argument("--url", default="http://127.0.0.1:8000")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--steps", type=int, default=None)
+    gen.add_argument("--size", default=None, help="WIDTHxHEIGHT")
+    gen.add_argument("--guidance", type=float, default=None)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("-n", type=int, default=1)
+    gen.add_argument("--in-process", action="store_true",
+                     help="run the whole diffusers pipeline in this process (the baseline)")
+    gen.add_argument("--model", default=None, help="with --in-process (default builtin:tiny-unet)")
+
+    b = sub.add_parser("bench", help="throughput/latency: async vs sync vs monolithic")
+    from disagfusion.worker.bench import add_bench_args
+
+    add_bench_args(b)
+    return parser
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from disagfusion.worker.sender import HandoffDelay
+    from disagfusion.worker.serve import WorkerOptions, run_worker
+
+    opts = WorkerOptions(
+        role=args.role, model=args.model, port=args.port, http_port=args.http_port,
+        host=args.host, next_addrs=[a for a in args.next.split(",") if a],
+        pipeline=args.pipeline, device=args.device, dtype=args.dtype,
+        queue_capacity=args.queue_capacity, overlap=not args.no_overlap,
+        handoff_delay=HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3),
+        threads=args.threads, drain_timeout_s=args.drain_timeout,
+    )
+    if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
+        raise SystemExit(f"error: --next is required for the {opts.role} stage")
+    return asyncio.run(run_worker(opts))
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from disagfusion.worker.sender import HandoffDelay
+    from disagfusion.worker.serve import GatewayOptions, run_gateway
+
+    text = args.topology
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    topology = json.loads(text)
+    return asyncio.run(run_gateway(GatewayOptions(
+        model=args.model, port=args.port, grpc_port=args.grpc_port, stage_addrs=topology,
+        host=args.host, advertise_host=args.advertise_host, pipeline=args.pipeline,
+        max_waiting=args.max_queue, max_pending=args.max_pending,
+        request_timeout_s=args.request_timeout, max_images=args.max_images,
+        api_key=os.environ.get("DISAGFUSION_API_KEY") or None,
+        handoff_delay=HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3),
+    )))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from disagfusion.worker.launcher import LocalCluster, LocalOptions, example_commands
+    from disagfusion.worker.models import describe_model
+
+    info = describe_model(args.model)
+    cluster = LocalCluster(LocalOptions(
+        model=args.model, port=args.port, encoders=args.encoders, denoisers=args.denoisers,
+        decoders=args.decoders, overlap=not args.no_overlap,
+        handoff_delay_ms=args.handoff_delay_ms, handoff_jitter_ms=args.handoff_jitter_ms,
+        threads=args.threads, max_waiting=args.max_queue, log_dir=args.log_dir,
+    ))
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    try:
+        while not stop["signal"]:
+            try:
+                cluster.wait_ready(timeout_s=0.5)
+                break
+            except TimeoutError:
+                continue
+        if stop["signal"]:
+            return 0
+        size = f"{info.default_size[0]}x{info.default_size[1]}"
+        counts = ", ".join(f"{len(v)} {k}" for k, v in cluster.workers.items())
+        print(f"\ndisagfusion serving {info.name} ({counts}) at {cluster.url}", flush=True)
+        print("try:\n  " + "\n  ".join(example_commands(cluster.url, size)), flush=True)
+        while not stop["signal"]:
+            dead = cluster.exited()
+            if dead:
+                print(f"{dead[0].name} exited unexpectedly; stopping", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from disagfusion.worker.client import generate_in_process, generate_remote
+
+    body: dict[str, object] = {"prompt": args.prompt, "n": args.n}
+    for key, value in (("seed", args.seed), ("num_inference_steps", args.steps),
+                       ("size", args.size), ("guidance_scale", args.guidance),
+                       ("negative_prompt", args.negative_prompt)):
+        if value is not None:
+            body[key] = value
+    if args.in_process:
+        pngs = generate_in_process(args.model or DEFAULT_MODEL, body)
+    else:
+        if args.model:
+            body["model"] = args.model
+        pngs = generate_remote(args.url, body)
+    for path in _output_paths(args.output, len(pngs)):
+        path.write_bytes(pngs.pop(0))
+        print(path)
+    return 0
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {args.command}[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    from disagfusion.worker.client import ClientError
+    from disagfusion.worker.models import ModelSourceError
+
+    handlers = {
+        "worker": _cmd_worker, "gateway": _cmd_gateway, "serve": _cmd_serve,
+        "generate": _cmd_generate, "bench": _bench,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ClientError, ModelSourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from disagfusion.worker.bench import run_bench_command
+
+    return run_bench_command(args)

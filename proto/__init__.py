@@ -1,0 +1,1 @@
+"""Generated gRPC code for the disagfusion wire contract (see disagfusion.proto)."""

@@ -1,0 +1,269 @@
+"""Model layer: builtin models, describe_model, and the split stages vs. the whole pipeline."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from disagfusion.worker.models import (
+    BUILTIN_NAMES,
+    ModelSourceError,
+    StageInputError,
+    StageModel,
+    describe_model,
+    ensure_builtin,
+    images_to_png,
+    load_stage,
+)
+from disagfusion.worker.models.builtin import SIDECAR, build_builtin
+from disagfusion.worker.params import GenerationParams
+
+BUILTINS = [f"builtin:{name}" for name in BUILTIN_NAMES]
+ROLES = ("encoder", "denoiser", "decoder", "monolithic")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private model cache, so tests never touch ~/.cache."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def stages(cache_dir: Path) -> Iterator[dict[tuple[str, str], StageModel]]:
+    yield {
+        (src, role): load_stage(role, src, cache_dir=cache_dir)
+        for src in BUILTINS
+        for role in ROLES
+    }
+
+
+def run_chain(stages: dict[tuple[str, str], StageModel], source: str, params: GenerationParams):
+    embeds = stages[source, "encoder"].run(params, {})
+    latents = stages[source, "denoiser"].run(params, embeds)
+    images = stages[source, "decoder"].run(params, latents)["images"]
+    return embeds, latents, images
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((a.int() - b.int()).abs().max())
+
+
+@pytest.mark.parametrize("source", BUILTINS)
+@pytest.mark.parametrize(("width", "height"), [(64, 64), (128, 96)])
+def test_chained_stages_equal_monolithic(stages, source: str, width: int, height: int) -> None:
+    params = GenerationParams(
+        prompt="a red fox in the snow, 35mm",
+        negative_prompt="blurry",
+        width=width,
+        height=height,
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        seed=1234,
+        num_images=2,
+    )
+    embeds, latents, images = run_chain(stages, source, params)
+    family = stages[source, "encoder"].info.family
+    expected = {"prompt_embeds", "negative_prompt_embeds"}
+    if family == "mmdit":
+        expected |= {"pooled_prompt_embeds", "negative_pooled_prompt_embeds"}
+    assert set(embeds) == expected
+    assert all(t.shape[0] == 2 for t in embeds.values())
+    assert latents["latents"].shape[0] == 2
+    assert latents["latents"].shape[-2:] == (height // 8, width // 8)
+
+    mono = stages[source, "monolithic"].run(params, {})["images"]
+    assert images.dtype == torch.uint8 and images.shape == (2, height, width, 3)
+    assert mono.shape == images.shape
+    assert max_diff(images, mono) <= 1
+    assert images.unique().numel() > 1  # not a blank image
+
+
+@pytest.mark.parametrize("source", BUILTINS)
+def test_cfg_off_sends_no_negative_embeddings(stages, source: str) -> None:
+    params = GenerationParams(prompt="a cat", guidance_scale=1.0, num_inference_steps=3, seed=7)
+    embeds, _, images = run_chain(stages, source, params)
+    assert not any(name.startswith("negative_") for name in embeds)
+    assert stages[source, "encoder"].output_names(params) == tuple(embeds)
+    mono = stages[source, "monolithic"].run(params, {})["images"]
+    assert max_diff(images, mono) <= 1
+
+
+@pytest.mark.parametrize("source", BUILTINS)
+def test_seed_changes_the_image(stages, source: str) -> None:
+    base = GenerationParams(prompt="a cat", num_inference_steps=2)
+    first = stages[source, "monolithic"].run(base, {})["images"]
+    again = stages[source, "monolithic"].run(base, {})["images"]
+    other = stages[source, "monolithic"].run(
+        GenerationParams("a cat", seed=1, num_inference_steps=2), {}
+    )
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other["images"])
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_build_is_deterministic(tmp_path: Path, name: str) -> None:
+    build_builtin(name, tmp_path / "a")
+    build_builtin(name, tmp_path / "b")
+    files = sorted(
+        p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file()
+    )
+    assert any(p.suffix == ".safetensors" for p in files)
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_ensure_builtin_reuses_the_cache(cache_dir: Path) -> None:
+    path = ensure_builtin("tiny-unet", cache_dir)
+    stamp = (path / SIDECAR).stat().st_mtime_ns
+    assert ensure_builtin("tiny-unet", cache_dir) == path
+    assert (path / SIDECAR).stat().st_mtime_ns == stamp
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+@pytest.mark.parametrize("source", BUILTINS)
+def test_each_stage_loads_only_its_components(stages, source: str) -> None:
+    denoiser_net = "unet" if source.endswith("unet") else "transformer"
+    text = ["text_encoder", "tokenizer"]
+    if source.endswith("mmdit"):
+        text += ["text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]
+    loaded = {
+        "encoder": set(text),
+        "denoiser": {denoiser_net, "scheduler"},
+        "decoder": {"vae"},
+        "monolithic": {*text, denoiser_net, "scheduler", "vae"},
+    }
+    for role, expected in loaded.items():
+        pipe = stages[source, role].pipe
+        present = {name for name in pipe.components if getattr(pipe, name) is not None}
+        assert present == expected, role
+    # Without a VAE the pipeline would guess 8; the stage sets the real factor.
+    assert stages[source, "denoiser"].pipe.vae_scale_factor == 8
+
+
+def test_describe_builtins(cache_dir: Path) -> None:
+    unet = describe_model("builtin:tiny-unet", cache_dir=cache_dir)
+    assert (unet.name, unet.family, unet.pipeline_class) == (
+        "tiny-unet",
+        "unet",
+        "StableDiffusionPipeline",
+    )
+    assert (unet.vae_scale_factor, unet.size_multiple, unet.default_size) == (8, 16, (64, 64))
+    assert (unet.max_size, unet.default_steps, unet.default_guidance) == (512, 10, 7.5)
+    assert unet.source == "builtin:tiny-unet"
+    assert Path(unet.path) == cache_dir / "tiny-unet"
+
+    mmdit = describe_model("builtin:tiny-mmdit", cache_dir=cache_dir)
+    assert (mmdit.name, mmdit.family, mmdit.pipeline_class) == (
+        "tiny-mmdit",
+        "mmdit",
+        "StableDiffusion3Pipeline",
+    )
+    assert (mmdit.vae_scale_factor, mmdit.size_multiple, mmdit.default_size) == (8, 16, (64, 64))
+    assert mmdit.max_size == 512
+
+
+def test_describe_local_dir(cache_dir: Path, tmp_path: Path) -> None:
+    local = tmp_path / "my-model"
+    shutil.copytree(ensure_builtin("tiny-mmdit", cache_dir), local)
+    (local / SIDECAR).unlink()  # a plain diffusers dir: the family's pipeline defaults apply
+    info = describe_model(str(local))
+    assert (info.name, info.family, info.path) == ("my-model", "mmdit", str(local))
+    assert (info.max_size, info.default_steps, info.default_guidance) == (2048, 28, 7.0)
+    assert info.size_multiple == 16
+
+
+def test_describe_model_does_not_import_torch(cache_dir: Path) -> None:
+    path = ensure_builtin("tiny-unet", cache_dir)
+    code = (
+        "import sys\n"
+        "from disagfusion.worker.models import describe_model\n"
+        f"info = describe_model({str(path)!r})\n"
+        "assert info.family == 'unet'\n"
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=path)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("builtin:nope", "unknown builtin model 'builtin:nope'"),
+        ("/definitely/not/here", "does not exist"),
+        ("./not-here-either", "does not exist"),
+        ("disagfusion-tests/not-a-cached-model", "not in the local Hugging Face cache"),
+    ],
+)
+def test_describe_model_errors(source: str, message: str) -> None:
+    with pytest.raises(ModelSourceError, match=message):
+        describe_model(source)
+
+
+def test_describe_model_rejects_bad_dirs(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError, match=r"no model_index\.json"):
+        describe_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelSourceError, match=r"FluxPipeline.*not supported"):
+        describe_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ModelSourceError, match=r"unsupported pipeline class KandinskyPipeline"):
+        describe_model(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(
+        json.dumps(
+            {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}
+        )
+    )
+    with pytest.raises(ModelSourceError, match=r"vae/config\.json"):
+        describe_model(str(tmp_path))
+
+
+def test_stage_input_errors(stages) -> None:
+    source = "builtin:tiny-mmdit"
+    params = GenerationParams(prompt="a cat", num_inference_steps=2)
+    embeds = stages[source, "encoder"].run(params, {})
+    denoiser = stages[source, "denoiser"]
+
+    missing = {k: v for k, v in embeds.items() if k != "pooled_prompt_embeds"}
+    with pytest.raises(StageInputError, match=r"missing input tensor.*pooled_prompt_embeds"):
+        denoiser.run(params, missing)
+    with pytest.raises(StageInputError, match=r"unexpected input tensor.*bogus"):
+        denoiser.run(params, {**embeds, "bogus": torch.zeros(1)})
+    with pytest.raises(StageInputError, match=r"input prompt_embeds has shape"):
+        denoiser.run(params, {**embeds, "prompt_embeds": embeds["prompt_embeds"][..., :8]})
+    short = embeds["negative_prompt_embeds"][:, :10]
+    with pytest.raises(StageInputError, match=r"negative_prompt_embeds.*shape of prompt_embeds"):
+        denoiser.run(params, {**embeds, "negative_prompt_embeds": short})
+    with pytest.raises(StageInputError, match=r"input prompt_embeds has dtype"):
+        denoiser.run(params, {**embeds, "prompt_embeds": embeds["prompt_embeds"].long()})
+    with pytest.raises(StageInputError, match=r"unexpected input tensor.*latents"):
+        stages[source, "encoder"].run(params, {"latents": torch.zeros(1)})
+
+    decoder = stages[source, "decoder"]
+    with pytest.raises(StageInputError, match=r"input latents has shape"):
+        decoder.run(params, {"latents": torch.zeros(1, 4, 8, 8)})
+    with pytest.raises(StageInputError, match=r"width=72 must be a multiple of 16"):
+        decoder.run(GenerationParams(prompt="a cat", width=72), {"latents": torch.zeros(1)})
+    with pytest.raises(StageInputError, match=r"height=1024 must be in 1\.\.512"):
+        decoder.run(GenerationParams(prompt="a cat", height=1024), {"latents": torch.zeros(1)})
+
+
+def test_images_to_png_round_trips(stages) -> None:
+    params = GenerationParams(prompt="a cat", num_inference_steps=2, num_images=2)
+    images = stages["builtin:tiny-unet", "monolithic"].run(params, {})["images"]
+    pngs = images_to_png(images)
+    assert len(pngs) == 2
+    for png, expected in zip(pngs, images, strict=True):
+        decoded = Image.open(io.BytesIO(png))
+        assert decoded.format == "PNG" and decoded.mode == "RGB"
+        assert np.array_equal(np.asarray(decoded), expected.numpy())
+    with pytest.raises(ValueError, match=r"uint8"):
+        images_to_png(images.float())

@@ -1,0 +1,1 @@
+"""Data plane: gateway, stage runtime, stage models, transports, local launcher."""

@@ -1,0 +1,240 @@
+"""The embedded default: gateway and stage workers as local OS processes.
+
+Every process is a child of the launcher, started with a parent-death signal
+so none outlives it, and stopped with SIGTERM (drain) then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from disagfusion.worker.params import STAGES
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Linux: SIGTERM this child when the launcher dies, even by SIGKILL.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    role: str
+    grpc_port: int
+    http_port: int
+    argv: list[str]
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class LocalOptions:
+    model: str = "builtin:tiny-unet"
+    port: int = 8000
+    encoders: int = 1
+    denoisers: int = 1
+    decoders: int = 1
+    monolithic: int = 0  # > 0: the baseline, each process runs the whole pipeline
+    overlap: bool = True
+    handoff_delay_ms: float = 0.0
+    handoff_jitter_ms: float = 0.0
+    queue_capacity: int = 2
+    threads: int | None = None
+    max_waiting: int = 32
+    request_timeout_s: float = 300.0
+    pipeline: str = "local"
+    log_dir: Path | None = None  # None: children write to this terminal
+    extra_worker_args: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        if self.monolithic:
+            return {"monolithic": self.monolithic}
+        return {"encoder": self.encoders, "denoiser": self.denoisers, "decoder": self.decoders}
+
+
+class LocalCluster:
+    """Start, watch and stop a local disaggregated pipeline."""
+
+    def __init__(self, opts: LocalOptions) -> None:
+        self.opts = opts
+        for role, count in opts.counts().items():
+            if count < 1:
+                raise ValueError(f"need at least one {role} process, got {count}")
+        self.gateway: Child | None = None
+        self.workers: dict[str, list[Child]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.opts.port}"
+
+    @property
+    def children(self) -> list[Child]:
+        kids = [c for role in self.workers.values() for c in role]
+        return kids + ([self.gateway] if self.gateway else [])
+
+    def _common_args(self) -> list[str]:
+        o = self.opts
+        args = ["--model", o.model, "--pipeline", o.pipeline]
+        if o.handoff_delay_ms or o.handoff_jitter_ms:
+            args += ["--handoff-delay-ms", str(o.handoff_delay_ms),
+                     "--handoff-jitter-ms", str(o.handoff_jitter_ms)]
+        return args
+
+    def plan(self) -> None:
+        """Assign ports and command lines, downstream stages first."""
+        o = self.opts
+        python = [sys.executable, "-m", "disagfusion"]
+        roles = ["monolithic"] if o.monolithic else list(STAGES)
+        next_addrs: list[str] = []
+        for role in reversed(roles):
+            kids = []
+            for i in range(o.counts()[role]):
+                grpc_port, http_port = free_port(), free_port()
+                argv = python + [
+                    "worker", "--role", role, "--port", str(grpc_port),
+                    "--http-port", str(http_port), "--queue-capacity", str(o.queue_capacity),
+                    *self._common_args(), *o.extra_worker_args,
+                ]
+                if next_addrs:
+                    argv += ["--next", ",".join(next_addrs)]
+                if not o.overlap:
+                    argv.append("--no-overlap")
+                if o.threads:
+                    argv += ["--threads", str(o.threads)]
+                kids.append(Child(f"{role}-{i}", role, grpc_port, http_port, argv))
+            self.workers[role] = kids
+            next_addrs = [k.address for k in kids]
+        self.workers = {role: self.workers[role] for role in roles}
+        topology = {role: [k.address for k in kids] for role, kids in self.workers.items()}
+        grpc_port = free_port()
+        self.gateway = Child("gateway", "gateway", grpc_port, o.port, python + [
+            "gateway", "--port", str(o.port), "--grpc-port", str(grpc_port),
+            "--topology", json.dumps(topology), "--max-queue", str(o.max_waiting),
+            "--request-timeout", str(o.request_timeout_s), *self._common_args(),
+        ])
+
+    def start(self) -> None:
+        from disagfusion.worker.models import describe_model
+
+        describe_model(self.opts.model)  # build a builtin once, before N processes race for it
+        if self.gateway is None:
+            self.plan()
+        if self.opts.log_dir:
+            self.opts.log_dir.mkdir(parents=True, exist_ok=True)
+        for child in self.children:
+            self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        out = None
+        if self.opts.log_dir:
+            child.log_path = self.opts.log_dir / f"{child.name}.log"
+            out = child.log_path.open("ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child.proc = subprocess.Popen(
+            child.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
+            preexec_fn=_die_with_parent, env=env,
+        )
+        if out:
+            out.close()
+
+    def restart(self, child: Child) -> None:
+        """Start a stopped or killed child again on the same ports."""
+        if child.proc is not None and child.proc.poll() is None:
+            raise RuntimeError(f"{child.name} is still running")
+        self._spawn(child)
+
+    def exited(self) -> list[Child]:
+        return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.children)
+        while pending:
+            dead = self.exited()
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].proc.returncode}"
+                                   + self._tail(dead[0]))  # type: ignore[union-attr]
+            pending = [c for c in pending if not _is_ready(c.http_url)]
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError("not ready after %.0fs: %s"
+                                   % (timeout_s, ", ".join(c.name for c in pending)))
+            if pending:
+                time.sleep(0.2)
+
+    def _tail(self, child: Child, lines: int = 20) -> str:
+        if child.log_path and child.log_path.exists():
+            text = child.log_path.read_text(errors="replace").splitlines()[-lines:]
+            return "\n" + "\n".join(text)
+        return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM everyone (the gateway first so it stops admitting), then SIGKILL."""
+        ordered = ([self.gateway] if self.gateway else []) + [
+            c for role in self.workers.values() for c in role]
+        for child in ordered:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in ordered:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def example_commands(url: str, size: str) -> Sequence[str]:
+    return (
+        f'disagfusion generate "a red fox" -o fox.png --url {url}',
+        f"curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
+        f"-d '{{\"prompt\": \"a red fox\", \"size\": \"{size}\"}}'",
+    )
