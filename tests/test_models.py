@@ -267,3 +267,8 @@ def test_images_to_png_round_trips(stages) -> None:
         assert np.array_equal(np.asarray(decoded), expected.numpy())
     with pytest.raises(ValueError, match=r"uint8"):
         images_to_png(images.float())
+
+
+def test_load_stage_rejects_unknown_role(cache_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown role 'vae'"):
+        load_stage("vae", "builtin:tiny-unet", cache_dir=cache_dir)

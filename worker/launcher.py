@@ -99,10 +99,10 @@ class LocalCluster:
         kids = [c for role in self.workers.values() for c in role]
         return kids + ([self.gateway] if self.gateway else [])
 
-    def _common_args(self) -> list[str]:
+    def _common_args(self, delay: bool = True) -> list[str]:
         o = self.opts
         args = ["--model", o.model, "--pipeline", o.pipeline]
-        if o.handoff_delay_ms or o.handoff_jitter_ms:
+        if delay and (o.handoff_delay_ms or o.handoff_jitter_ms):
             args += ["--handoff-delay-ms", str(o.handoff_delay_ms),
                      "--handoff-jitter-ms", str(o.handoff_jitter_ms)]
         return args
@@ -137,7 +137,7 @@ class LocalCluster:
         self.gateway = Child("gateway", "gateway", grpc_port, o.port, python + [
             "gateway", "--port", str(o.port), "--grpc-port", str(grpc_port),
             "--topology", json.dumps(topology), "--max-queue", str(o.max_waiting),
-            "--request-timeout", str(o.request_timeout_s), *self._common_args(),
+            "--request-timeout", str(o.request_timeout_s), *self._common_args(delay=False),
         ])
 
     def start(self) -> None:

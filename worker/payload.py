@@ -169,9 +169,13 @@ async def read_tensors(
     offset = 0
     raw = torch.frombuffer(buf, dtype=torch.uint8) if need else torch.empty(0, dtype=torch.uint8)
     for meta in h.tensors:
+        dtype = _DTYPES[meta.dtype]
         part = raw[offset : offset + meta.nbytes]
+        if offset % dtype.itemsize:
+            # A view as a wider dtype must start at a multiple of its size.
+            part = part.clone()
         offset += meta.nbytes
-        tensors[meta.name] = part.view(_DTYPES[meta.dtype]).reshape(tuple(meta.shape))
+        tensors[meta.name] = part.view(dtype).reshape(tuple(meta.shape))
     return tensors
 
 

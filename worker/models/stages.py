@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,8 +112,10 @@ def load_stage(
     import diffusers
     from diffusers.image_processor import VaeImageProcessor
 
-    info = describe_model(source, cache_dir=cache_dir)
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     torch_dtype = resolve_dtype(device, dtype)
+    info = describe_model(source, cache_dir=cache_dir)
     components = read_components(info.path)
     keep = stage_components(role, components)
     skip: dict[str, Any] = {c: None for c in components if c not in keep}
@@ -132,7 +135,11 @@ def load_stage(
 
 
 class StageModel:
-    """A loaded stage: `run(params, inputs)` maps named tensors to named tensors."""
+    """A loaded stage: `run(params, inputs)` maps named tensors to named tensors.
+
+    Outputs stay on the stage's device (images: uint8 on CPU); moving them is
+    the transport's job. Runs are serialised: a pipeline keeps per-call state.
+    """
 
     def __init__(
         self, role: str, info: ModelInfo, pipe: Any, device: torch.device, dtype: torch.dtype
@@ -142,6 +149,7 @@ class StageModel:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
+        self._lock = threading.Lock()
 
     def input_names(self, params: GenerationParams) -> tuple[str, ...]:
         return input_names(self.role, self.info.family, params)
@@ -167,7 +175,7 @@ class StageModel:
                     f"{name.replace('negative_', '')} {tuple(positive.shape)}"
                 )
         tensors = {name: t.to(self.device, self.dtype) for name, t in tensors.items()}
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             if self.role == "encoder":
                 return self._encode(params)
             if self.role == "denoiser":
