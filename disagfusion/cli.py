@@ -212,6 +212,8 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import about optional vision backends we never use.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -296,3 +296,42 @@ def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
             return  # exited; only its parent's bookkeeping is left
         time.sleep(0.1)
     raise AssertionError(f"process {pid} still running")
+
+
+def test_grpc_generate_gives_the_same_image_as_http(cluster: LocalCluster) -> None:
+    import grpc
+
+    from disagfusion.proto import disagfusion_pb2 as pb
+    from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+
+    assert cluster.gateway is not None
+    with grpc.insecure_channel(cluster.gateway.address) as channel:
+        stub = pb_grpc.GatewayStub(channel)
+        reply = stub.Generate(pb.GenerateRequest(prompt="a red fox", seed=21, size="64x64"),
+                              timeout=300)
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Generate(pb.GenerateRequest(prompt="x", size="63x64"), timeout=30)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "size" in (bad.value.details() or "")
+    status, http = generate(cluster, {"prompt": "a red fox", "seed": 21, "size": "64x64"})
+    assert status == 200
+    assert len(reply.images) == 1 and reply.request_id
+    from_grpc = np.asarray(Image.open(io.BytesIO(reply.images[0].png)))
+    assert np.array_equal(from_grpc, decode_pngs(http)[0])
+
+
+def test_bench_prints_one_json_object_per_mode(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "disagfusion", "bench", "--json", "--requests", "2",
+         "--warmup", "0", "--concurrency", "2", "--size", "64x64", "--steps", "2",
+         "--handoff-delay-ms", "5", "--log-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    report = json.loads(out.stdout)
+    assert set(report) == {"async", "sync", "monolithic"}
+    for mode, result in report.items():
+        assert result["completed"] == 2 and result["failed"] == 0, mode
+        assert result["throughput_rps"] > 0
+        assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
+    assert report["monolithic"]["handoff_delay_ms"] == 0
+    assert report["async"]["handoff_delay_ms"] == 5
