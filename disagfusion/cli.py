@@ -18,10 +18,18 @@ DEFAULT_MODEL = "builtin:tiny-unet"
 
 
 def _add_handoff_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--handoff-delay-ms", type=float, default=0.0,
-                   help="emulated network time added to every hand-off (benchmarks)")
-    p.add_argument("--handoff-jitter-ms", type=float, default=0.0,
-                   help="uniform jitter around --handoff-delay-ms")
+    p.add_argument(
+        "--handoff-delay-ms",
+        type=float,
+        default=0.0,
+        help="emulated network time added to every hand-off (benchmarks)",
+    )
+    p.add_argument(
+        "--handoff-jitter-ms",
+        type=float,
+        default=0.0,
+        help="uniform jitter around --handoff-delay-ms",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -47,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default="cpu")
     w.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
     w.add_argument("--queue-capacity", type=_positive_int, default=2)
-    w.add_argument("--no-overlap", action="store_true",
-                   help="synchronous hand-off: receive, compute, send one request at a time")
+    w.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="synchronous hand-off: receive, compute, send one request at a time",
+    )
     w.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     w.add_argument("--drain-timeout", type=float, default=120.0)
     _add_handoff_args(w)
@@ -57,23 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=DEFAULT_MODEL)
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--grpc-port", type=int, required=True)
-    g.add_argument("--topology", required=True,
-                   help='JSON {"encoder": [addr...], "denoiser": [...], "decoder": [...]}'
-                        " or @file")
+    g.add_argument(
+        "--topology",
+        required=True,
+        help='JSON {"encoder": [addr...], "denoiser": [...], "decoder": [...]} or @file',
+    )
     g.add_argument("--host", default="127.0.0.1")
-    g.add_argument("--advertise-host", default="127.0.0.1",
-                   help="host the workers use to send results back")
+    g.add_argument(
+        "--advertise-host", default="127.0.0.1", help="host the workers use to send results back"
+    )
     g.add_argument("--pipeline", default="local")
-    g.add_argument("--max-queue", type=_positive_int, default=32,
-                   help="accepted requests waiting for the first stage before 429")
+    g.add_argument(
+        "--max-queue",
+        type=_positive_int,
+        default=32,
+        help="accepted requests waiting for the first stage before 429",
+    )
     g.add_argument("--max-pending", type=_positive_int, default=512)
     g.add_argument("--request-timeout", type=float, default=300.0)
     g.add_argument("--max-images", type=_positive_int, default=4)
     _add_handoff_args(g)
 
     s = sub.add_parser("serve", help="serve a pipeline")
-    s.add_argument("--local", action="store_true", required=True,
-                   help="run the gateway and stage workers as local processes")
+    s.add_argument(
+        "--local",
+        action="store_true",
+        required=True,
+        help="run the gateway and stage workers as local processes",
+    )
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--encoders", type=_positive_int, default=1)
@@ -95,8 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=None)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("-n", type=int, default=1)
-    gen.add_argument("--in-process", action="store_true",
-                     help="run the whole diffusers pipeline in this process (the baseline)")
+    gen.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the whole diffusers pipeline in this process (the baseline)",
+    )
     gen.add_argument("--model", default=None, help="with --in-process (default builtin:tiny-unet)")
 
     b = sub.add_parser("bench", help="throughput/latency: async vs sync vs monolithic")
@@ -111,12 +136,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from disagfusion.worker.serve import WorkerOptions, run_worker
 
     opts = WorkerOptions(
-        role=args.role, model=args.model, port=args.port, http_port=args.http_port,
-        host=args.host, next_addrs=[a for a in args.next.split(",") if a],
-        pipeline=args.pipeline, device=args.device, dtype=args.dtype,
-        queue_capacity=args.queue_capacity, overlap=not args.no_overlap,
+        role=args.role,
+        model=args.model,
+        port=args.port,
+        http_port=args.http_port,
+        host=args.host,
+        next_addrs=[a for a in args.next.split(",") if a],
+        pipeline=args.pipeline,
+        device=args.device,
+        dtype=args.dtype,
+        queue_capacity=args.queue_capacity,
+        overlap=not args.no_overlap,
         handoff_delay=HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3),
-        threads=args.threads, drain_timeout_s=args.drain_timeout,
+        threads=args.threads,
+        drain_timeout_s=args.drain_timeout,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
         raise SystemExit(f"error: --next is required for the {opts.role} stage")
@@ -131,14 +164,27 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if text.startswith("@"):
         text = Path(text[1:]).read_text()
     topology = json.loads(text)
-    return asyncio.run(run_gateway(GatewayOptions(
-        model=args.model, port=args.port, grpc_port=args.grpc_port, stage_addrs=topology,
-        host=args.host, advertise_host=args.advertise_host, pipeline=args.pipeline,
-        max_waiting=args.max_queue, max_pending=args.max_pending,
-        request_timeout_s=args.request_timeout, max_images=args.max_images,
-        api_key=os.environ.get("DISAGFUSION_API_KEY") or None,
-        handoff_delay=HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3),
-    )))
+    return asyncio.run(
+        run_gateway(
+            GatewayOptions(
+                model=args.model,
+                port=args.port,
+                grpc_port=args.grpc_port,
+                stage_addrs=topology,
+                host=args.host,
+                advertise_host=args.advertise_host,
+                pipeline=args.pipeline,
+                max_waiting=args.max_queue,
+                max_pending=args.max_pending,
+                request_timeout_s=args.request_timeout,
+                max_images=args.max_images,
+                api_key=os.environ.get("DISAGFUSION_API_KEY") or None,
+                handoff_delay=HandoffDelay(
+                    args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3
+                ),
+            )
+        )
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -146,12 +192,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from disagfusion.worker.models import describe_model
 
     info = describe_model(args.model)
-    cluster = LocalCluster(LocalOptions(
-        model=args.model, port=args.port, encoders=args.encoders, denoisers=args.denoisers,
-        decoders=args.decoders, overlap=not args.no_overlap,
-        handoff_delay_ms=args.handoff_delay_ms, handoff_jitter_ms=args.handoff_jitter_ms,
-        threads=args.threads, max_waiting=args.max_queue, log_dir=args.log_dir,
-    ))
+    cluster = LocalCluster(
+        LocalOptions(
+            model=args.model,
+            port=args.port,
+            encoders=args.encoders,
+            denoisers=args.denoisers,
+            decoders=args.decoders,
+            overlap=not args.no_overlap,
+            handoff_delay_ms=args.handoff_delay_ms,
+            handoff_jitter_ms=args.handoff_jitter_ms,
+            threads=args.threads,
+            max_waiting=args.max_queue,
+            log_dir=args.log_dir,
+        )
+    )
     stop = {"signal": 0}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -188,9 +243,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from disagfusion.worker.client import generate_in_process, generate_remote
 
     body: dict[str, object] = {"prompt": args.prompt, "n": args.n}
-    for key, value in (("seed", args.seed), ("num_inference_steps", args.steps),
-                       ("size", args.size), ("guidance_scale", args.guidance),
-                       ("negative_prompt", args.negative_prompt)):
+    for key, value in (
+        ("seed", args.seed),
+        ("num_inference_steps", args.steps),
+        ("size", args.size),
+        ("guidance_scale", args.guidance),
+        ("negative_prompt", args.negative_prompt),
+    ):
         if value is not None:
             body[key] = value
     if args.in_process:
@@ -224,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     from disagfusion.worker.models import ModelSourceError
 
     handlers = {
-        "worker": _cmd_worker, "gateway": _cmd_gateway, "serve": _cmd_serve,
-        "generate": _cmd_generate, "bench": _bench,
+        "worker": _cmd_worker,
+        "gateway": _cmd_gateway,
+        "serve": _cmd_serve,
+        "generate": _cmd_generate,
+        "bench": _bench,
     }
     try:
         return handlers[args.command](args)

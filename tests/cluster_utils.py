@@ -34,15 +34,18 @@ def generate(cluster: LocalCluster, body: dict[str, Any]) -> tuple[int, Any]:
     return post_json(cluster.url + "/v1/images/generations", body, timeout_s=300)
 
 
-def generate_many(cluster: LocalCluster, bodies: list[dict[str, Any]], concurrency: int = 4
-                  ) -> list[tuple[int, Any]]:
+def generate_many(
+    cluster: LocalCluster, bodies: list[dict[str, Any]], concurrency: int = 4
+) -> list[tuple[int, Any]]:
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(lambda b: generate(cluster, b), bodies))
 
 
 def decode_pngs(reply: dict[str, Any]) -> list[np.ndarray]:
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
-            for item in reply["data"]]
+    return [
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))))
+        for item in reply["data"]
+    ]
 
 
 def scrape(url: str) -> str:
@@ -58,5 +61,8 @@ def samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels`."""
-    return sum(value for n, lab, value in samples(text)
-               if n == name and all(lab.get(k) == v for k, v in labels.items()))
+    return sum(
+        value
+        for n, lab, value in samples(text)
+        if n == name and all(lab.get(k) == v for k, v in labels.items())
+    )

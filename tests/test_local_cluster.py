@@ -40,8 +40,7 @@ pytestmark = pytest.mark.slow
 
 REQUESTS = [
     {"prompt": "a red fox", "seed": 1, "n": 2, "size": "64x64"},
-    {"prompt": "a lighthouse at dusk", "seed": 2, "size": "128x64",
-     "negative_prompt": "blurry"},
+    {"prompt": "a lighthouse at dusk", "seed": 2, "size": "128x64", "negative_prompt": "blurry"},
     {"prompt": "a bowl of ramen", "seed": 3, "guidance_scale": 1.0, "num_inference_steps": 4},
     {"prompt": "a tiny robot", "seed": 4, "size": "64x128", "num_inference_steps": 12},
     {"prompt": "an old map", "seed": 5},
@@ -50,11 +49,13 @@ REQUESTS = [
 
 
 @pytest.fixture(scope="module", params=["builtin:tiny-unet", "builtin:tiny-mmdit"])
-def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[LocalCluster]:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     model = request.param
-    c = start_cluster(tmp_path_factory.mktemp("logs"), model=model,
-                      encoders=2, denoisers=2, decoders=2)
+    c = start_cluster(
+        tmp_path_factory.mktemp("logs"), model=model, encoders=2, denoisers=2, decoders=2
+    )
     yield c
     c.stop()
 
@@ -83,15 +84,28 @@ def test_disaggregated_output_equals_monolithic_pipeline(cluster: LocalCluster) 
     assert total >= len(REQUESTS)
 
 
-def test_generate_cli_writes_the_same_png_as_in_process(cluster: LocalCluster, tmp_path: Path
-                                                        ) -> None:
-    cli = [sys.executable, "-m", "disagfusion", "generate", "a red fox", "--seed", "7",
-           "--steps", "5"]
+def test_generate_cli_writes_the_same_png_as_in_process(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    cli = [
+        sys.executable,
+        "-m",
+        "disagfusion",
+        "generate",
+        "a red fox",
+        "--seed",
+        "7",
+        "--steps",
+        "5",
+    ]
     remote = tmp_path / "fox.png"
     local = tmp_path / "fox-local.png"
     subprocess.run([*cli, "-o", str(remote), "--url", cluster.url], check=True, timeout=300)
-    subprocess.run([*cli, "-o", str(local), "--in-process", "--model", cluster.opts.model],
-                   check=True, timeout=300)
+    subprocess.run(
+        [*cli, "-o", str(local), "--in-process", "--model", cluster.opts.model],
+        check=True,
+        timeout=300,
+    )
     a, b = np.asarray(Image.open(remote)), np.asarray(Image.open(local))
     assert a.shape == (64, 64, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
@@ -114,8 +128,11 @@ def test_bad_requests_get_json_errors_and_workers_survive(cluster: LocalCluster)
         assert reply["error"]["param"] == param
         assert reply["error"]["message"]
     for raw, status in ((b"{not json", 400), (b"[1, 2]", 400), (b"x" * (2 << 20), 413)):
-        req = urllib.request.Request(cluster.url + "/v1/images/generations", data=raw,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            cluster.url + "/v1/images/generations",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        )
         try:
             urllib.request.urlopen(req, timeout=30)
             raise AssertionError("expected an HTTP error")
@@ -131,20 +148,28 @@ def test_metrics_are_exported_and_pass_promtool(cluster: LocalCluster) -> None:
     status, _ = generate(cluster, {"prompt": "metrics", "seed": 11})
     assert status == 200
     required_stage = [
-        "disagfusion_stage_queue_depth", "disagfusion_stage_in_flight",
+        "disagfusion_stage_queue_depth",
+        "disagfusion_stage_in_flight",
         "disagfusion_stage_service_time_seconds_count",
-        "disagfusion_stage_requests_completed_total", "disagfusion_handoff_bytes_total",
+        "disagfusion_stage_requests_completed_total",
+        "disagfusion_handoff_bytes_total",
         "disagfusion_handoff_seconds_count",
     ]
     for child in cluster.children:
         text = scrape(child.http_url)
-        check = subprocess.run(["promtool", "check", "metrics"], input=text.encode(),
-                               capture_output=True, timeout=30)
+        check = subprocess.run(
+            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+        )
         assert check.returncode == 0, (child.name, check.stdout, check.stderr)
         names = {(n, lab.get("pipeline")) for n, lab, _ in samples(text)}
-        wanted = (["disagfusion_gateway_request_duration_seconds_count",
-                   "disagfusion_gateway_requests_total"] if child.role == "gateway"
-                  else required_stage)
+        wanted = (
+            [
+                "disagfusion_gateway_request_duration_seconds_count",
+                "disagfusion_gateway_requests_total",
+            ]
+            if child.role == "gateway"
+            else required_stage
+        )
         for name in wanted:
             assert (name, "local") in names, (child.name, name)
     gw = scrape(cluster.gateway.http_url)  # type: ignore[union-attr]
@@ -160,12 +185,15 @@ def small_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 def test_killing_a_denoiser_under_load_loses_no_request(small_cluster: LocalCluster) -> None:
-    bodies = [{"prompt": f"request {i}", "seed": i, "size": "128x128",
-               "num_inference_steps": 20} for i in range(12)]
+    bodies = [
+        {"prompt": f"request {i}", "seed": i, "size": "128x128", "num_inference_steps": 20}
+        for i in range(12)
+    ]
     victim = small_cluster.workers["denoiser"][0]
     results: list[tuple[int, object]] = []
     worker = threading.Thread(
-        target=lambda: results.extend(generate_many(small_cluster, bodies, concurrency=6)))
+        target=lambda: results.extend(generate_many(small_cluster, bodies, concurrency=6))
+    )
     worker.start()
     # Kill it while it holds work, so the custody path is what saves the requests.
     deadline = time.monotonic() + 120
@@ -184,8 +212,9 @@ def test_killing_a_denoiser_under_load_loses_no_request(small_cluster: LocalClus
 
 
 def test_full_pipeline_answers_429_with_retry_after(tmp_path: Path) -> None:
-    c = start_cluster(tmp_path, encoders=1, denoisers=1, decoders=1, max_waiting=1,
-                      queue_capacity=1)
+    c = start_cluster(
+        tmp_path, encoders=1, denoisers=1, decoders=1, max_waiting=1, queue_capacity=1
+    )
     try:
         body = {"prompt": "slow", "size": "128x128", "num_inference_steps": 30}
         seen: list[tuple[int, str | None]] = []
@@ -193,9 +222,11 @@ def test_full_pipeline_answers_429_with_retry_after(tmp_path: Path) -> None:
 
         def one(i: int) -> None:
             req = urllib.request.Request(
-                c.url + "/v1/images/generations", method="POST",
+                c.url + "/v1/images/generations",
+                method="POST",
                 data=json.dumps({**body, "seed": i}).encode(),
-                headers={"Content-Type": "application/json"})
+                headers={"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=300) as resp:
                     status, retry = resp.status, None
@@ -222,9 +253,22 @@ def test_full_pipeline_answers_429_with_retry_after(tmp_path: Path) -> None:
 def test_serve_local_stops_every_child_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "disagfusion", "serve", "--local", "--port", str(port),
-         "--threads", "1", "--log-dir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "disagfusion",
+            "serve",
+            "--local",
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -255,9 +299,21 @@ def test_serve_local_stops_every_child_on_sigterm(tmp_path: Path) -> None:
 
 def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "disagfusion", "serve", "--local", "--port", str(free_port()),
-         "--threads", "1", "--log-dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "disagfusion",
+            "serve",
+            "--local",
+            "--port",
+            str(free_port()),
+            "--threads",
+            "1",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     while len(_children_of(proc.pid)) < 4:
@@ -307,8 +363,9 @@ def test_grpc_generate_gives_the_same_image_as_http(cluster: LocalCluster) -> No
     assert cluster.gateway is not None
     with grpc.insecure_channel(cluster.gateway.address) as channel:
         stub = pb_grpc.GatewayStub(channel)
-        reply = stub.Generate(pb.GenerateRequest(prompt="a red fox", seed=21, size="64x64"),
-                              timeout=300)
+        reply = stub.Generate(
+            pb.GenerateRequest(prompt="a red fox", seed=21, size="64x64"), timeout=300
+        )
         with pytest.raises(grpc.RpcError) as bad:
             stub.Generate(pb.GenerateRequest(prompt="x", size="63x64"), timeout=30)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -322,10 +379,31 @@ def test_grpc_generate_gives_the_same_image_as_http(cluster: LocalCluster) -> No
 
 def test_bench_prints_one_json_object_per_mode(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "disagfusion", "bench", "--json", "--requests", "2",
-         "--warmup", "0", "--concurrency", "2", "--size", "64x64", "--steps", "2",
-         "--handoff-delay-ms", "5", "--log-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, check=True,
+        [
+            sys.executable,
+            "-m",
+            "disagfusion",
+            "bench",
+            "--json",
+            "--requests",
+            "2",
+            "--warmup",
+            "0",
+            "--concurrency",
+            "2",
+            "--size",
+            "64x64",
+            "--steps",
+            "2",
+            "--handoff-delay-ms",
+            "5",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     )
     report = json.loads(out.stdout)
     assert set(report) == {"async", "sync", "monolithic"}

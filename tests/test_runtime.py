@@ -269,11 +269,11 @@ class Cluster:
 
     async def close(self) -> None:
         for stream in self.streams:
-            await stream.close()
+            await _bounded("closing a submit stream", stream.close())
         for closer in reversed(self.closers):
-            await closer()
+            await _bounded(f"closing {closer!r}", closer())
         for server in self.servers:
-            await server.stop(0)
+            await _bounded("stopping a gRPC server", server.stop(0))
         for stage in self.stages:
             stage.compute.release_all()
         # Let compute threads return while the loop still runs, then stop the runtimes.
@@ -281,8 +281,18 @@ class Cluster:
             lambda: not any(s.compute.active for s in self.stages), "compute threads to finish"
         )
         for stage in self.stages:
-            await stage.runtime.stop()
-        await self.channels.close()
+            await _bounded("stopping a runtime", stage.runtime.stop())
+        await _bounded("closing channels", self.channels.close())
+
+
+async def _bounded(what: str, step: Awaitable[object]) -> None:
+    try:
+        await asyncio.wait_for(step, WAIT_S)
+    except TimeoutError:
+        import sys
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        pytest.fail(f"teardown: {what} took over {WAIT_S:g}s")
 
 
 @pytest.fixture

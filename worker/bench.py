@@ -51,8 +51,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def drive(url: str, body: dict[str, object], requests: int, concurrency: int,
-          clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], int, float]:
+def drive(
+    url: str,
+    body: dict[str, object],
+    requests: int,
+    concurrency: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[list[float], int, float]:
     """Send `requests` requests with `concurrency` in flight; (latencies, failures, wall)."""
     latencies: list[float] = []
     failures = 0
@@ -97,20 +102,26 @@ def _scrape_mean(url: str, metric: str) -> float:
     return values["_sum"] / values["_count"] if values.get("_count") else float("nan")
 
 
-def run_mode(mode: str, args: argparse.Namespace, delay_ms: float, log_dir: Path
-             ) -> tuple[ModeResult, float]:
+def run_mode(
+    mode: str, args: argparse.Namespace, delay_ms: float, log_dir: Path
+) -> tuple[ModeResult, float]:
     """Serve, warm up, drive; returns the result and the denoiser's mean compute time."""
     stages = args.encoders + args.denoisers + args.decoders
     opts = LocalOptions(
-        model=args.model, port=free_port(), encoders=args.encoders, denoisers=args.denoisers,
-        decoders=args.decoders, monolithic=stages if mode == "monolithic" else 0,
-        overlap=mode != "sync", handoff_delay_ms=delay_ms if mode != "monolithic" else 0.0,
+        model=args.model,
+        port=free_port(),
+        encoders=args.encoders,
+        denoisers=args.denoisers,
+        decoders=args.decoders,
+        monolithic=stages if mode == "monolithic" else 0,
+        overlap=mode != "sync",
+        handoff_delay_ms=delay_ms if mode != "monolithic" else 0.0,
         handoff_jitter_ms=args.handoff_jitter_ms if mode != "monolithic" else 0.0,
-        threads=args.threads, max_waiting=max(32, args.concurrency * 2),
+        threads=args.threads,
+        max_waiting=max(32, args.concurrency * 2),
         log_dir=log_dir / mode,
     )
-    body = {"prompt": args.prompt, "size": args.size, "num_inference_steps": args.steps,
-            "seed": 1}
+    body = {"prompt": args.prompt, "size": args.size, "num_inference_steps": args.steps, "seed": 1}
     with LocalCluster(opts) as cluster:
         drive(cluster.url, body, args.warmup, 1)
         latencies, failed, wall = drive(cluster.url, body, args.requests, args.concurrency)
@@ -121,9 +132,13 @@ def run_mode(mode: str, args: argparse.Namespace, delay_ms: float, log_dir: Path
         )
     result = ModeResult(
         throughput_rps=len(latencies) / wall if wall else 0.0,
-        latency_p50_s=percentile(latencies, 50), latency_p95_s=percentile(latencies, 95),
-        completed=len(latencies), failed=failed, processes=stages,
-        handoff_delay_ms=opts.handoff_delay_ms, wall_s=wall,
+        latency_p50_s=percentile(latencies, 50),
+        latency_p95_s=percentile(latencies, 95),
+        completed=len(latencies),
+        failed=failed,
+        processes=stages,
+        handoff_delay_ms=opts.handoff_delay_ms,
+        wall_s=wall,
     )
     return result, denoise_s
 
@@ -142,9 +157,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--denoisers", type=int, default=1)
     p.add_argument("--decoders", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    p.add_argument("--handoff-delay-ms", default="0",
-                   help="emulated delay per hand-off between stages, or 'auto' "
-                        "(half the denoiser's compute time per request)")
+    p.add_argument(
+        "--handoff-delay-ms",
+        default="0",
+        help="emulated delay per hand-off between stages, or 'auto' "
+        "(half the denoiser's compute time per request)",
+    )
     p.add_argument("--handoff-jitter-ms", type=float, default=0.0)
     p.add_argument("--log-dir", type=Path, default=None)
 
@@ -162,17 +180,21 @@ def run_bench_command(args: argparse.Namespace) -> int:
         calib = argparse.Namespace(**{**vars(args), "requests": 4, "concurrency": 1})
         _, denoise_s = run_mode("async", calib, 0.0, log_dir / "calibration")
         delay_ms = round(denoise_s * 1e3 / 2, 1)
-        print(f"denoiser compute {denoise_s * 1e3:.1f} ms/request -> handoff delay "
-              f"{delay_ms} ms", file=sys.stderr)
+        print(
+            f"denoiser compute {denoise_s * 1e3:.1f} ms/request -> handoff delay {delay_ms} ms",
+            file=sys.stderr,
+        )
     else:
         delay_ms = float(args.handoff_delay_ms)
     for mode in modes:
         result, _ = run_mode(mode, args, delay_ms, log_dir)
         results[mode] = result
-        print(f"{mode:>10}: {result.throughput_rps:6.2f} req/s  p50 {result.latency_p50_s:6.3f}s"
-              f"  p95 {result.latency_p95_s:6.3f}s  ({result.completed} ok, {result.failed} "
-              f"failed, {result.processes} processes, delay {result.handoff_delay_ms} ms)",
-              file=sys.stderr)
+        print(
+            f"{mode:>10}: {result.throughput_rps:6.2f} req/s  p50 {result.latency_p50_s:6.3f}s"
+            f"  p95 {result.latency_p95_s:6.3f}s  ({result.completed} ok, {result.failed} "
+            f"failed, {result.processes} processes, delay {result.handoff_delay_ms} ms)",
+            file=sys.stderr,
+        )
     if "async" in results and "sync" in results and results["sync"].throughput_rps:
         ratio = results["async"].throughput_rps / results["sync"].throughput_rps
         print(f"async / sync throughput: {ratio:.2f}x", file=sys.stderr)

@@ -16,7 +16,9 @@ class ClientError(Exception):
 def post_json(url: str, body: dict[str, Any], timeout_s: float = 600.0) -> tuple[int, Any]:
     """POST JSON; returns (status, decoded body) for any HTTP status."""
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), method="POST",
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -35,8 +37,9 @@ def generate_remote(base_url: str, body: dict[str, Any]) -> list[bytes]:
     try:
         status, reply = post_json(url, body)
     except (urllib.error.URLError, OSError) as err:
-        raise ClientError(f"cannot reach {url}: {err}. Is `disagfusion serve --local` running?"
-                          ) from None
+        raise ClientError(
+            f"cannot reach {url}: {err}. Is `disagfusion serve --local` running?"
+        ) from None
     if status != 200:
         message = reply.get("error", {}).get("message", reply) if isinstance(reply, dict) else reply
         raise ClientError(f"HTTP {status}: {message}")

@@ -52,12 +52,21 @@ class RequestFailed(Exception):
         kind = "invalid_request_error" if 400 <= self.status < 500 else "server_error"
         if self.status == 429:
             kind = "rate_limit_error"
-        return {"error": {"message": self.message, "type": kind, "param": None,
-                          "code": _ERROR_CODES.get(self.status, "error")}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": None,
+                "code": _ERROR_CODES.get(self.status, "error"),
+            }
+        }
 
 
 _ERROR_CODES = {
-    400: "invalid_request", 429: "pipeline_full", 500: "stage_failed", 503: "not_ready",
+    400: "invalid_request",
+    429: "pipeline_full",
+    500: "stage_failed",
+    503: "not_ready",
     504: "deadline_exceeded",
 }
 
@@ -98,9 +107,13 @@ class Gateway(pb_grpc.StageServicer):
             for stage, addrs in config.stage_addrs.items()
         }
         self._sender = Sender(
-            "gateway", self._channels, self.metrics.handoff,
-            pool=self._pools[config.first_stage], delay=config.handoff_delay,
-            on_failure=self._dispatch_failed, clock=clock,
+            "gateway",
+            self._channels,
+            self.metrics.handoff,
+            pool=self._pools[config.first_stage],
+            delay=config.handoff_delay,
+            on_failure=self._dispatch_failed,
+            clock=clock,
         )
         self._pending: dict[str, asyncio.Future[GeneratedImages]] = {}
         self._started: dict[str, float] = {}
@@ -146,7 +159,10 @@ class Gateway(pb_grpc.StageServicer):
         ready, detail = self.readiness()
         if not ready:
             raise RequestFailed(503, f"pipeline not ready: {detail}", retry_after_s=5)
-        if self._waiting >= self.config.max_waiting or len(self._pending) >= self.config.max_pending:
+        if (
+            self._waiting >= self.config.max_waiting
+            or len(self._pending) >= self.config.max_pending
+        ):
             raise RequestFailed(
                 429, "pipeline is full; retry later", retry_after_s=self._retry_after_s()
             )
@@ -157,10 +173,13 @@ class Gateway(pb_grpc.StageServicer):
         self._started[rid] = started
         self.metrics.pending.set(len(self._pending))
         payload = Payload(
-            request_id=rid, params=params,
+            request_id=rid,
+            params=params,
             deadline_unix=self._clock() + self.config.request_timeout_s,
-            reply_to=self.config.result_address, pipeline=self.config.pipeline,
-            model=self.config.model, source_stage="gateway",
+            reply_to=self.config.result_address,
+            pipeline=self.config.pipeline,
+            model=self.config.model,
+            source_stage="gateway",
         )
         dispatch = asyncio.create_task(self._dispatch(payload))
         try:
@@ -211,9 +230,13 @@ class Gateway(pb_grpc.StageServicer):
             if f"png.{i}" in result.tensors
         ]
         if len(pngs) != result.params.num_images:
-            future.set_exception(RequestFailed(
-                500, f"{result.source_stage} returned {len(pngs)} images, "
-                f"expected {result.params.num_images}"))
+            future.set_exception(
+                RequestFailed(
+                    500,
+                    f"{result.source_stage} returned {len(pngs)} images, "
+                    f"expected {result.params.num_images}",
+                )
+            )
             return
         self._completions.append(time.monotonic())
         latency = time.perf_counter() - self._started.get(result.request_id, time.perf_counter())
@@ -223,8 +246,13 @@ class Gateway(pb_grpc.StageServicer):
 
     async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthReply:
         ready, _ = self.readiness()
-        return pb.HealthReply(stage="gateway", model=self.config.model, ready=ready,
-                              queue_depth=self._waiting, in_flight=len(self._pending))
+        return pb.HealthReply(
+            stage="gateway",
+            model=self.config.model,
+            ready=ready,
+            queue_depth=self._waiting,
+            in_flight=len(self._pending),
+        )
 
     async def Submit(
         self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
@@ -245,8 +273,11 @@ class Gateway(pb_grpc.StageServicer):
                 )
                 self._resolve(payload_from(header, tensors))
         except PayloadError as err:
-            yield pb.Ack(request_id=header.request_id, status=pb.Ack.REJECTED,
-                         reason=f"invalid payload: {err}")
+            yield pb.Ack(
+                request_id=header.request_id,
+                status=pb.Ack.REJECTED,
+                reason=f"invalid payload: {err}",
+            )
             return
         # Unknown ids are requests that already ended: acknowledge so the sender stops.
         yield pb.Ack(request_id=header.request_id, status=pb.Ack.RECEIVED)
@@ -257,9 +288,12 @@ class GatewayGrpc(pb_grpc.GatewayServicer):
     """gRPC Generate, validated by the same rules as the HTTP API."""
 
     _STATUS = {
-        400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-        404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-        503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
+        400: grpc.StatusCode.INVALID_ARGUMENT,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        404: grpc.StatusCode.NOT_FOUND,
+        429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        503: grpc.StatusCode.UNAVAILABLE,
+        504: grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 
     def __init__(self, gateway: Gateway) -> None:
@@ -300,8 +334,9 @@ def build_http_app(gateway: Gateway) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
     limits = gateway.config.limits
 
-    def json_error(status: int, body: dict[str, object], headers: dict[str, str] | None = None
-                   ) -> web.Response:
+    def json_error(
+        status: int, body: dict[str, object], headers: dict[str, str] | None = None
+    ) -> web.Response:
         return web.json_response(body, status=status, headers=headers)
 
     async def generations(request: web.Request) -> web.Response:
@@ -313,17 +348,27 @@ def build_http_app(gateway: Gateway) -> web.Application:
     async def _generations(request: web.Request) -> web.Response:
         key = gateway.config.api_key
         if key and request.headers.get("Authorization") != f"Bearer {key}":
-            return json_error(401, {"error": {
-                "message": "missing or wrong API key (Authorization: Bearer ...)",
-                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+            return json_error(
+                401,
+                {
+                    "error": {
+                        "message": "missing or wrong API key (Authorization: Bearer ...)",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return json_error(413, ApiError(
-                413, "request body larger than 1 MiB", code="too_large").body())
+            return json_error(
+                413, ApiError(413, "request body larger than 1 MiB", code="too_large").body()
+            )
         except (ValueError, UnicodeDecodeError):
-            return json_error(400, ApiError(
-                400, "body is not valid JSON", code="invalid_json").body())
+            return json_error(
+                400, ApiError(400, "body is not valid JSON", code="invalid_json").body()
+            )
         try:
             params = parse_images_request(body, limits)
         except ApiError as err:
@@ -340,8 +385,14 @@ def build_http_app(gateway: Gateway) -> web.Application:
         )
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": gateway.config.model, "object": "model", "owned_by": "disagfusion"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": gateway.config.model, "object": "model", "owned_by": "disagfusion"}
+                ],
+            }
+        )
 
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_get("/v1/models", models)

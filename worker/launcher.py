@@ -103,8 +103,12 @@ class LocalCluster:
         o = self.opts
         args = ["--model", o.model, "--pipeline", o.pipeline]
         if delay and (o.handoff_delay_ms or o.handoff_jitter_ms):
-            args += ["--handoff-delay-ms", str(o.handoff_delay_ms),
-                     "--handoff-jitter-ms", str(o.handoff_jitter_ms)]
+            args += [
+                "--handoff-delay-ms",
+                str(o.handoff_delay_ms),
+                "--handoff-jitter-ms",
+                str(o.handoff_jitter_ms),
+            ]
         return args
 
     def plan(self) -> None:
@@ -117,10 +121,19 @@ class LocalCluster:
             kids = []
             for i in range(o.counts()[role]):
                 grpc_port, http_port = free_port(), free_port()
-                argv = python + [
-                    "worker", "--role", role, "--port", str(grpc_port),
-                    "--http-port", str(http_port), "--queue-capacity", str(o.queue_capacity),
-                    *self._common_args(), *o.extra_worker_args,
+                argv = [
+                    *python,
+                    "worker",
+                    "--role",
+                    role,
+                    "--port",
+                    str(grpc_port),
+                    "--http-port",
+                    str(http_port),
+                    "--queue-capacity",
+                    str(o.queue_capacity),
+                    *self._common_args(),
+                    *o.extra_worker_args,
                 ]
                 if next_addrs:
                     argv += ["--next", ",".join(next_addrs)]
@@ -134,11 +147,27 @@ class LocalCluster:
         self.workers = {role: self.workers[role] for role in roles}
         topology = {role: [k.address for k in kids] for role, kids in self.workers.items()}
         grpc_port = free_port()
-        self.gateway = Child("gateway", "gateway", grpc_port, o.port, python + [
-            "gateway", "--port", str(o.port), "--grpc-port", str(grpc_port),
-            "--topology", json.dumps(topology), "--max-queue", str(o.max_waiting),
-            "--request-timeout", str(o.request_timeout_s), *self._common_args(delay=False),
-        ])
+        self.gateway = Child(
+            "gateway",
+            "gateway",
+            grpc_port,
+            o.port,
+            [
+                *python,
+                "gateway",
+                "--port",
+                str(o.port),
+                "--grpc-port",
+                str(grpc_port),
+                "--topology",
+                json.dumps(topology),
+                "--max-queue",
+                str(o.max_waiting),
+                "--request-timeout",
+                str(o.request_timeout_s),
+                *self._common_args(delay=False),
+            ],
+        )
 
     def start(self) -> None:
         from disagfusion.worker.models import describe_model
@@ -158,8 +187,11 @@ class LocalCluster:
             out = child.log_path.open("ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         child.proc = subprocess.Popen(
-            child.argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-            preexec_fn=_die_with_parent, env=env,
+            child.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            preexec_fn=_die_with_parent,
+            env=env,
         )
         if out:
             out.close()
@@ -177,14 +209,16 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         pending = list(self.children)
         while pending:
-            dead = self.exited()
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].proc.returncode}"
-                                   + self._tail(dead[0]))  # type: ignore[union-attr]
+            for child in self.exited():
+                code = child.proc.returncode if child.proc else None
+                raise RuntimeError(f"{child.name} exited with code {code}" + self._tail(child))
             pending = [c for c in pending if not _is_ready(c.http_url)]
             if pending and time.monotonic() > deadline:
-                raise TimeoutError("not ready after %.0fs: %s"
-                                   % (timeout_s, ", ".join(c.name for c in pending)))
+                raise TimeoutError(
+                    "not ready after {:.0f}s: {}".format(
+                        timeout_s, ", ".join(c.name for c in pending)
+                    )
+                )
             if pending:
                 time.sleep(0.2)
 
@@ -197,7 +231,8 @@ class LocalCluster:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM everyone (the gateway first so it stops admitting), then SIGKILL."""
         ordered = ([self.gateway] if self.gateway else []) + [
-            c for role in self.workers.values() for c in role]
+            c for role in self.workers.values() for c in role
+        ]
         for child in ordered:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -236,5 +271,5 @@ def example_commands(url: str, size: str) -> Sequence[str]:
     return (
         f'disagfusion generate "a red fox" -o fox.png --url {url}',
         f"curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
-        f"-d '{{\"prompt\": \"a red fox\", \"size\": \"{size}\"}}'",
+        f'-d \'{{"prompt": "a red fox", "size": "{size}"}}\'',
     )

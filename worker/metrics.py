@@ -10,7 +10,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets from a few ms (tiny CPU models) to minutes (video denoising).
 SECONDS_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
     600.0,
 )
 
@@ -25,62 +39,84 @@ class StageMetrics:
         names = list(labels)
 
         Gauge(
-            "disagfusion_worker_info", "Static facts about this worker.",
-            [*names, "model"], registry=r,
+            "disagfusion_worker_info",
+            "Static facts about this worker.",
+            [*names, "model"],
+            registry=r,
         ).labels(stage=stage, pipeline=pipeline, model=model).set(1)
         self.ready = Gauge(
-            "disagfusion_stage_ready", "1 when the worker has loaded its model and accepts work.",
-            names, registry=r,
+            "disagfusion_stage_ready",
+            "1 when the worker has loaded its model and accepts work.",
+            names,
+            registry=r,
         ).labels(**labels)
         self.queue_depth = Gauge(
             "disagfusion_stage_queue_depth",
-            "Payloads received and waiting for compute.", names, registry=r,
+            "Payloads received and waiting for compute.",
+            names,
+            registry=r,
         ).labels(**labels)
         self.queue_capacity = Gauge(
             "disagfusion_stage_queue_capacity",
             "Payloads the input queue holds before the worker rejects new work.",
-            names, registry=r,
+            names,
+            registry=r,
         ).labels(**labels)
         self.in_flight = Gauge(
             "disagfusion_stage_in_flight",
             "Payloads held by this worker: queued, computing or handing off.",
-            names, registry=r,
+            names,
+            registry=r,
         ).labels(**labels)
         self.outbox_depth = Gauge(
             "disagfusion_stage_outbox_depth",
-            "Computed outputs waiting to be accepted downstream.", names, registry=r,
+            "Computed outputs waiting to be accepted downstream.",
+            names,
+            registry=r,
         ).labels(**labels)
         self.busy = Gauge(
-            "disagfusion_stage_busy", "1 while the model computes.", names, registry=r,
+            "disagfusion_stage_busy",
+            "1 while the model computes.",
+            names,
+            registry=r,
         ).labels(**labels)
         self.service_time = Histogram(
             "disagfusion_stage_service_time_seconds",
-            "Compute time per request in this stage.", names,
-            buckets=SECONDS_BUCKETS, registry=r,
+            "Compute time per request in this stage.",
+            names,
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         ).labels(**labels)
         self.queue_wait = Histogram(
             "disagfusion_stage_queue_wait_seconds",
-            "Time a payload waited in the input queue before compute.", names,
-            buckets=SECONDS_BUCKETS, registry=r,
+            "Time a payload waited in the input queue before compute.",
+            names,
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         ).labels(**labels)
         self.completed = Counter(
             "disagfusion_stage_requests_completed_total",
-            "Requests this stage computed and handed on.", names, registry=r,
+            "Requests this stage computed and handed on.",
+            names,
+            registry=r,
         ).labels(**labels)
         self.failed = Counter(
             "disagfusion_stage_requests_failed_total",
             "Requests this stage ended with an error, by reason.",
-            [*names, "reason"], registry=r,
+            [*names, "reason"],
+            registry=r,
         )
         self.rejected = Counter(
             "disagfusion_stage_requests_rejected_total",
             "Submissions refused, by reason (busy, draining, invalid).",
-            [*names, "reason"], registry=r,
+            [*names, "reason"],
+            registry=r,
         )
         self.duplicates = Counter(
             "disagfusion_stage_duplicates_total",
             "Submissions for a request this worker already held or finished.",
-            names, registry=r,
+            names,
+            registry=r,
         ).labels(**labels)
         self.handoff = HandoffMetrics(r, stage, pipeline)
         self._labels = labels
@@ -101,17 +137,21 @@ class HandoffMetrics:
         self.bytes = Counter(
             "disagfusion_handoff_bytes_total",
             "Tensor bytes handed between hops (direction: sent or received).",
-            names, registry=registry,
+            names,
+            registry=registry,
         )
         self.seconds = Histogram(
             "disagfusion_handoff_seconds",
             "Time to hand one payload over, from first byte to the receiver's ack.",
-            names, buckets=SECONDS_BUCKETS, registry=registry,
+            names,
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
         )
         self.retries = Counter(
             "disagfusion_handoff_retries_total",
             "Hand-offs tried again on another instance, by reason.",
-            ["stage", "pipeline", "reason"], registry=registry,
+            ["stage", "pipeline", "reason"],
+            registry=registry,
         )
 
     def sent(self, nbytes: int, seconds: float) -> None:
@@ -132,26 +172,35 @@ class GatewayMetrics:
         r = self.registry
         self.pipeline = pipeline
         Gauge(
-            "disagfusion_gateway_info", "Static facts about this gateway.",
-            ["pipeline", "model"], registry=r,
+            "disagfusion_gateway_info",
+            "Static facts about this gateway.",
+            ["pipeline", "model"],
+            registry=r,
         ).labels(pipeline=pipeline, model=model).set(1)
         self.latency = Histogram(
             "disagfusion_gateway_request_duration_seconds",
             "End-to-end latency of image requests, by outcome status code.",
-            ["pipeline", "code"], buckets=SECONDS_BUCKETS, registry=r,
+            ["pipeline", "code"],
+            buckets=SECONDS_BUCKETS,
+            registry=r,
         )
         self.requests = Counter(
             "disagfusion_gateway_requests_total",
             "Image requests answered, by HTTP status code.",
-            ["pipeline", "code"], registry=r,
+            ["pipeline", "code"],
+            registry=r,
         )
         self.pending = Gauge(
             "disagfusion_gateway_pending_requests",
-            "Requests accepted and not yet answered.", ["pipeline"], registry=r,
+            "Requests accepted and not yet answered.",
+            ["pipeline"],
+            registry=r,
         ).labels(pipeline=pipeline)
         self.waiting = Gauge(
             "disagfusion_gateway_waiting_requests",
-            "Accepted requests not yet taken by the first stage.", ["pipeline"], registry=r,
+            "Accepted requests not yet taken by the first stage.",
+            ["pipeline"],
+            registry=r,
         ).labels(pipeline=pipeline)
         self.handoff = HandoffMetrics(r, "gateway", pipeline)
 

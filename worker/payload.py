@@ -21,8 +21,16 @@ MAX_PAYLOAD_BYTES = 4 << 30
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
     for name in (
-        "float32", "float16", "bfloat16", "float64", "uint8", "int8", "int16", "int32",
-        "int64", "bool",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
     )
 }
 
@@ -81,7 +89,8 @@ def params_from_proto(m: pb.GenerationParams) -> GenerationParams:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    array = flat.view(torch.uint8).numpy()
+    return memoryview(array.data).cast("B")
 
 
 def header_of(payload: Payload) -> pb.WorkHeader:

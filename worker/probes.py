@@ -18,9 +18,7 @@ def add_probe_routes(
 
     async def readyz(_: web.Request) -> web.Response:
         ready, detail = readiness()
-        return web.json_response(
-            {"ready": ready, "detail": detail}, status=200 if ready else 503
-        )
+        return web.json_response({"ready": ready, "detail": detail}, status=200 if ready else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         body = generate_latest(registry)

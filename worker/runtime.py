@@ -62,7 +62,7 @@ class RuntimeConfig:
     queue_capacity: int = 2
     outbox_capacity: int = 2
     overlap: bool = True
-    handoff_delay: HandoffDelay = HandoffDelay()
+    handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
     drain_timeout_s: float = 120.0
 
     @property
@@ -111,8 +111,13 @@ class StageRuntime(pb_grpc.StageServicer):
             else None
         )
         self._sender = Sender(
-            config.role, self._channels, self.metrics.handoff, pool=self._pool,
-            delay=config.handoff_delay, on_failure=self._report_failure, clock=clock,
+            config.role,
+            self._channels,
+            self.metrics.handoff,
+            pool=self._pool,
+            delay=config.handoff_delay,
+            on_failure=self._report_failure,
+            clock=clock,
         )
         # Terminal errors go straight to the gateway (reply_to), never through later stages.
         self._reply_sender = Sender(config.role, self._channels, self.metrics.handoff, clock=clock)
@@ -178,10 +183,20 @@ class StageRuntime(pb_grpc.StageServicer):
         held_limit = self.config.queue_capacity + 1 + self.config.outbox_capacity
         return self._queued() < self.config.queue_capacity and len(self._entries) < held_limit
 
-    def _ack(self, request_id: str, status: int, reason: str = "", retryable: bool = False) -> pb.Ack:
+    def _ack(
+        self,
+        request_id: str,
+        status: pb.Ack.Status,
+        reason: str = "",
+        retryable: bool = False,
+    ) -> pb.Ack:
         return pb.Ack(
-            request_id=request_id, status=status, reason=reason, retryable=retryable,
-            queue_depth=self._queued(), in_flight=len(self._entries),
+            request_id=request_id,
+            status=status,
+            reason=reason,
+            retryable=retryable,
+            queue_depth=self._queued(),
+            in_flight=len(self._entries),
         )
 
     def _refresh_gauges(self) -> None:
@@ -193,10 +208,15 @@ class StageRuntime(pb_grpc.StageServicer):
 
     async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthReply:
         return pb.HealthReply(
-            stage=self.config.role, model=self.config.model, ready=self.ready,
-            draining=self.draining, queue_depth=self._queued(), in_flight=len(self._entries),
+            stage=self.config.role,
+            model=self.config.model,
+            ready=self.ready,
+            draining=self.draining,
+            queue_depth=self._queued(),
+            in_flight=len(self._entries),
             queue_capacity=self.config.queue_capacity if self.config.overlap else 1,
-            outbox_depth=self._outbox.qsize(), service_time_ewma_s=self._service_ewma,
+            outbox_depth=self._outbox.qsize(),
+            service_time_ewma_s=self._service_ewma,
             completed_total=self._completed,
         )
 
@@ -292,8 +312,8 @@ class StageRuntime(pb_grpc.StageServicer):
                 self.metrics.busy.set(0)
             elapsed = time.perf_counter() - t0
             self.metrics.service_time.observe(elapsed)
-            self._service_ewma = elapsed if not self._service_ewma else (
-                0.8 * self._service_ewma + 0.2 * elapsed
+            self._service_ewma = (
+                elapsed if not self._service_ewma else (0.8 * self._service_ewma + 0.2 * elapsed)
             )
             out = replace(payload, tensors=outputs, source_stage=self.config.role)
             if self.config.overlap:
@@ -350,7 +370,9 @@ class StageRuntime(pb_grpc.StageServicer):
         self._refresh_gauges()
 
 
-async def start_grpc_server(servicer: pb_grpc.StageServicer, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc_server(
+    servicer: pb_grpc.StageServicer, host: str, port: int
+) -> grpc.aio.Server:
     from disagfusion.worker.peers import SERVER_OPTIONS
 
     server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -83,23 +83,32 @@ async def run_worker(
         torch.set_num_threads(opts.threads)
     runtime = StageRuntime(
         RuntimeConfig(
-            role=opts.role, model=opts.model, pipeline=opts.pipeline, next_addrs=opts.next_addrs,
-            queue_capacity=opts.queue_capacity, overlap=opts.overlap,
-            handoff_delay=opts.handoff_delay, drain_timeout_s=opts.drain_timeout_s,
+            role=opts.role,
+            model=opts.model,
+            pipeline=opts.pipeline,
+            next_addrs=opts.next_addrs,
+            queue_capacity=opts.queue_capacity,
+            overlap=opts.overlap,
+            handoff_delay=opts.handoff_delay,
+            drain_timeout_s=opts.drain_timeout_s,
         ),
         input_error=StageInputError,
     )
     server = await start_grpc_server(runtime, opts.host, opts.port)
     app = web.Application()
     add_probe_routes(
-        app, runtime.metrics.registry,
-        lambda: (runtime.ready, "ready" if runtime.ready else
-                 ("draining" if runtime.draining else "loading model")),
+        app,
+        runtime.metrics.registry,
+        lambda: (
+            runtime.ready,
+            "ready" if runtime.ready else ("draining" if runtime.draining else "loading model"),
+        ),
     )
     runner = await start_site(app, opts.host, opts.http_port)
     runtime.start()
-    factory = compute_factory or (lambda: make_compute(opts.role, opts.model, opts.device,
-                                                       opts.dtype))
+    factory = compute_factory or (
+        lambda: make_compute(opts.role, opts.model, opts.device, opts.dtype)
+    )
     loading = asyncio.create_task(runtime.load(factory))
     signalled = asyncio.create_task(_wait_for_signal())
     await asyncio.wait({loading, signalled}, return_when=asyncio.FIRST_COMPLETED)
@@ -143,9 +152,12 @@ def limits_for(model: str, max_images: int = 4) -> tuple[str, RequestLimits]:
 
     info = describe_model(model)
     return info.name, RequestLimits(
-        served_model=info.name, default_size=info.default_size,
-        size_multiple=info.size_multiple, max_size=info.max_size,
-        default_steps=info.default_steps, default_guidance=info.default_guidance,
+        served_model=info.name,
+        default_size=info.default_size,
+        size_multiple=info.size_multiple,
+        max_size=info.max_size,
+        default_steps=info.default_steps,
+        default_guidance=info.default_guidance,
         max_n=max_images,
     )
 
@@ -155,13 +167,21 @@ async def run_gateway(opts: GatewayOptions) -> int:
 
     name, limits = limits_for(opts.model, opts.max_images)
     first = "monolithic" if "monolithic" in opts.stage_addrs else "encoder"
-    gateway = Gateway(GatewayConfig(
-        model=name, limits=limits, first_stage=first, stage_addrs=opts.stage_addrs,
-        result_address=f"{opts.advertise_host}:{opts.grpc_port}", pipeline=opts.pipeline,
-        max_waiting=opts.max_waiting, max_pending=opts.max_pending,
-        request_timeout_s=opts.request_timeout_s, api_key=opts.api_key,
-        handoff_delay=opts.handoff_delay,
-    ))
+    gateway = Gateway(
+        GatewayConfig(
+            model=name,
+            limits=limits,
+            first_stage=first,
+            stage_addrs=opts.stage_addrs,
+            result_address=f"{opts.advertise_host}:{opts.grpc_port}",
+            pipeline=opts.pipeline,
+            max_waiting=opts.max_waiting,
+            max_pending=opts.max_pending,
+            request_timeout_s=opts.request_timeout_s,
+            api_key=opts.api_key,
+            handoff_delay=opts.handoff_delay,
+        )
+    )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     pb_grpc.add_StageServicer_to_server(gateway, server)
     pb_grpc.add_GatewayServicer_to_server(GatewayGrpc(gateway), server)
