@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.worker import sender as sender_module
 from disagfusion.worker.api import RequestLimits
 from disagfusion.worker.gateway import Gateway, GatewayConfig, build_http_app
 from disagfusion.worker.metrics import HandoffMetrics
@@ -163,19 +164,23 @@ class SubmitStream:
         p: Payload,
         header: pb.WorkHeader | None = None,
         chunks: Iterable[pb.WorkChunk] | None = None,
+        finish: bool = True,
     ) -> None:
         self.call = stub.Submit()
-        self._writer = asyncio.create_task(
-            self._write(header or header_of(p), list(data_chunks(p) if chunks is None else chunks))
-        )
+        self._writer = asyncio.create_task(self._write(
+            header or header_of(p), list(data_chunks(p) if chunks is None else chunks), finish
+        ))
 
-    async def _write(self, header: pb.WorkHeader, chunks: list[pb.WorkChunk]) -> None:
+    async def _write(
+        self, header: pb.WorkHeader, chunks: list[pb.WorkChunk], finish: bool
+    ) -> None:
         # A receiver that rejects on the header may end the call before all is written.
         with contextlib.suppress(Exception):
             await self.call.write(pb.WorkChunk(header=header))
             for chunk in chunks:
                 await self.call.write(chunk)
-            await self.call.done_writing()
+            if finish:
+                await self.call.done_writing()
 
     async def ack(self) -> pb.Ack:
         ack = await asyncio.wait_for(self.call.read(), WAIT_S)
@@ -286,13 +291,21 @@ class Cluster:
 
 
 async def _bounded(what: str, step: Awaitable[object]) -> None:
-    try:
-        await asyncio.wait_for(step, WAIT_S)
-    except TimeoutError:
-        import sys
-        for task in asyncio.all_tasks():
-            task.print_stack(file=sys.stderr)
-        pytest.fail(f"teardown: {what} took over {WAIT_S:g}s")
+    """Run a teardown step; fail naming it (and what hangs) instead of hanging."""
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=WAIT_S)
+    if not done:
+        hung = []
+        for t in asyncio.all_tasks():
+            coro, chain = t.get_coro(), []
+            while coro is not None and hasattr(coro, "cr_frame"):
+                if coro.cr_frame is not None:
+                    chain.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+                coro = coro.cr_await
+            hung.append(" > ".join(chain))
+        task.cancel()
+        pytest.fail(f"teardown: {what} took over {WAIT_S:g}s; tasks: " + "; ".join(hung))
+    task.result()
 
 
 @pytest.fixture
@@ -429,7 +442,7 @@ async def test_sender_spreads_work_across_instances(cluster: Cluster, concurrent
     # Two more: each instance queues one behind its computing request.
     for p in (payload("p3", gw_addr), payload("p4", gw_addr)):
         await sender.hand_off(p)
-    assert [s.runtime._queued() for s in stages] == [1, 1]
+    assert [metric(s.runtime, "disagfusion_stage_queue_depth") for s in stages] == [1, 1]
 
 
 # ----------------------------------------------------------------------------- custody
@@ -482,6 +495,89 @@ async def test_duplicate_submissions_are_computed_once_and_all_end_done(cluster:
     assert compute.calls == ["D"]
     assert len(gw.of("D")) == 1
     assert metric(stage.runtime, "disagfusion_stage_duplicates_total") == 2
+
+
+async def test_duplicate_that_joined_a_copy_which_never_arrives_is_delivered_again(
+    cluster: Cluster,
+) -> None:
+    gw, gw_addr = await cluster.gateway()
+    compute = FakeCompute()
+    stage = await cluster.stage(compute)
+    p = payload("H", gw_addr)
+
+    # The first copy stalls half-way: its sender is about to die.
+    first = cluster.submit(stage.addr, p, chunks=[pb.WorkChunk(data=b"\0" * 8)], finish=False)
+    await wait_until(
+        lambda: metric(stage.runtime, "disagfusion_stage_in_flight") == 1, "first copy arriving"
+    )
+    sender, pool = cluster.sender([stage.addr])
+    await wait_until(lambda: pool.ready_count() == 1, "worker ready in the pool")
+    await sender.hand_off(p)  # a retry from elsewhere joins the copy being received
+    assert metric(stage.runtime, "disagfusion_stage_duplicates_total") == 1
+
+    await first.close()
+    await wait_until(lambda: gw.of("H"), "H computed from the second copy")
+    assert await sender.drain(WAIT_S)
+    assert compute.calls == ["H"]
+    assert len(gw.of("H")) == 1
+
+
+async def test_sender_close_ends_custody_even_when_grpc_absorbs_the_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """grpc.aio can swallow a task's cancellation while a call starts or fails; the
+    attempt then just returns BROKEN. close() must still end the custody task."""
+    attempts = 0
+
+    async def absorbing_attempt(
+        self: Sender, address: str, p: Payload, received: asyncio.Future[None]
+    ) -> tuple[object, str]:
+        nonlocal attempts
+        attempts += 1
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+        return sender_module._Outcome.BROKEN, "absorbed"
+
+    monkeypatch.setattr(Sender, "_attempt", absorbing_attempt)
+    channels = ChannelCache()
+    sender = Sender("x", channels, HandoffMetrics(CollectorRegistry(), "x", PIPELINE))
+    handing = asyncio.create_task(sender.hand_off(payload("C", f"{HOST}:1")))
+    await wait_until(lambda: attempts == 1, "the first attempt")
+
+    closing = asyncio.create_task(sender.close())
+    done, _ = await asyncio.wait({closing}, timeout=WAIT_S)
+    handing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await handing
+    assert done, "Sender.close() hangs on a custody task whose cancel was absorbed"
+    assert sender.held == 0
+    await channels.close()
+
+
+async def test_peer_pool_stop_ends_polling_even_when_grpc_absorbs_the_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancelled health call may surface as an RPC error instead of CancelledError."""
+    calls = 0
+
+    class AbsorbingStub:
+        async def Health(self, request: pb.HealthRequest, timeout: float) -> pb.HealthReply:
+            nonlocal calls
+            calls += 1
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+            )
+
+    channels = ChannelCache()
+    monkeypatch.setattr(channels, "stub", lambda address: AbsorbingStub())
+    pool = PeerPool("next", [f"{HOST}:1"], channels, poll_interval_s=0.01)
+    pool.start()
+    await wait_until(lambda: calls == 1, "the first health call")
+    stopping = asyncio.create_task(pool.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=WAIT_S)
+    assert done, "PeerPool.stop() hangs on a poll whose cancel was absorbed"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -717,6 +813,12 @@ async def fake_first_stage(cluster: Cluster) -> tuple[FakeFirstStage, str]:
     return stage, await cluster.serve(stage)
 
 
+def gateway_gauge(gateway: Gateway, name: str) -> float | None:
+    return gateway.metrics.registry.get_sample_value(
+        f"disagfusion_gateway_{name}_requests", {"pipeline": PIPELINE}
+    )
+
+
 async def ready(gateway: Gateway) -> None:
     await wait_until(lambda: gateway.readiness()[0], "gateway ready")
 
@@ -748,7 +850,7 @@ async def test_gateway_answers_429_with_retry_after_when_the_pipeline_is_full(
     await ready(gateway)
 
     waiting = asyncio.create_task(client.post(GENERATIONS, json={"prompt": "first"}))
-    await wait_until(lambda: gateway.metrics.waiting._value.get() == 1, "first request waiting")
+    await wait_until(lambda: gateway_gauge(gateway, "waiting") == 1, "first request waiting")
     resp = await client.post(GENERATIONS, json={"prompt": "second"})
     body = await resp.json()
     assert resp.status == 429, body
@@ -837,4 +939,4 @@ async def test_gateway_answers_504_when_no_result_arrives_in_time(cluster: Clust
     assert resp.status == 504, body
     assert body["error"]["code"] == "deadline_exceeded"
     assert len(first.received) == 1
-    assert gateway._pending == {}
+    assert gateway_gauge(gateway, "pending") == 0

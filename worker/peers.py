@@ -38,6 +38,19 @@ SERVER_OPTIONS = [
 ]
 
 
+def raise_if_cancelled() -> None:
+    """Honour a cancellation that a grpc.aio call absorbed.
+
+    Cancelling a task that awaits a call which is just starting or just failed
+    can be swallowed inside grpc.aio (the call ends with an error or EOF
+    instead of CancelledError); the task's cancel request stays counted, so
+    loops that retry on errors check it, or `stop()`/`close()` waits forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class ChannelCache:
     """One gRPC channel per address, shared by every sender in the process."""
 
@@ -158,6 +171,7 @@ class PeerPool:
             try:
                 reply = await stub.Health(pb.HealthRequest(), timeout=self._health_timeout_s)
             except grpc.aio.AioRpcError as err:
+                raise_if_cancelled()
                 if peer.healthy:
                     log.warning("%s instance %s unreachable: %s", self.stage, address, err.code())
                 peer.healthy = False

@@ -77,6 +77,7 @@ class _Entry:
     released: asyncio.Future[None]
     received_at: float
     queued: bool = True
+    abandoned: bool = False  # its bytes never fully arrived
 
 
 ComputeFn = Callable[[GenerationParams, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -249,6 +250,8 @@ class StageRuntime(pb_grpc.StageServicer):
             self.metrics.duplicates.inc()
             yield self._ack(rid, pb.Ack.RECEIVED)
             await asyncio.shield(existing.released)
+            if existing.abandoned:
+                return  # the copy it joined never arrived: no DONE, so its sender retries
             yield self._ack(rid, pb.Ack.DONE)
             return
         if not self.ready or not self._has_room():
@@ -267,12 +270,12 @@ class StageRuntime(pb_grpc.StageServicer):
         try:
             entry.payload.tensors = await read_tensors(header, stream)
         except PayloadError as err:
-            self._forget(rid)
+            self._abandon(entry)
             self.metrics.reject("invalid")
             yield self._ack(rid, pb.Ack.REJECTED, f"invalid payload: {err}")
             return
         except BaseException:
-            self._forget(rid)  # the sender went away mid-stream; it still holds the payload
+            self._abandon(entry)  # the sender went away mid-stream; it still holds the payload
             raise
         self.metrics.handoff.received(entry.payload.nbytes, time.perf_counter() - started)
         entry.received_at = time.perf_counter()
@@ -364,6 +367,13 @@ class StageRuntime(pb_grpc.StageServicer):
         self._finished[rid] = None
         while len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)
+
+    def _abandon(self, entry: _Entry) -> None:
+        """Drop an entry whose bytes never fully arrived, and end duplicates that joined it."""
+        entry.abandoned = True
+        if not entry.released.done():
+            entry.released.set_result(None)
+        self._forget(entry.payload.request_id)
 
     def _forget(self, rid: str) -> None:
         self._entries.pop(rid, None)

@@ -23,7 +23,7 @@ import grpc
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.worker.metrics import HandoffMetrics
 from disagfusion.worker.payload import Payload, data_chunks, header_of
-from disagfusion.worker.peers import ChannelCache, PeerPool
+from disagfusion.worker.peers import ChannelCache, PeerPool, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class Sender:
             outcome, reason = await self._attempt(address, payload, received)
             if outcome is _Outcome.DONE:
                 return
+            raise_if_cancelled()  # close() must end this loop even if grpc absorbed the cancel
             if outcome is _Outcome.INVALID:
                 raise DeliveryFailed(500, f"{address} refused the payload: {reason}")
             self._metrics.retry("busy" if outcome is _Outcome.BUSY else "unavailable")
