@@ -19,8 +19,13 @@ def inst(
     draining: bool = False,
 ) -> InstanceLoad:
     return InstanceLoad(
-        address=address, healthy=healthy, draining=draining, in_flight=in_flight,
-        queue_depth=queue_depth, queue_capacity=queue_capacity, reserved=reserved,
+        address=address,
+        healthy=healthy,
+        draining=draining,
+        in_flight=in_flight,
+        queue_depth=queue_depth,
+        queue_capacity=queue_capacity,
+        reserved=reserved,
     )
 
 

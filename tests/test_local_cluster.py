@@ -112,7 +112,7 @@ def test_generate_cli_writes_the_same_png_as_in_process(
 
 
 def test_bad_requests_get_json_errors_and_workers_survive(cluster: LocalCluster) -> None:
-    cases = [
+    cases: list[tuple[dict[str, object], int, str]] = [
         ({"prompt": ""}, 400, "prompt"),
         ({"prompt": "x", "size": "65x64"}, 400, "size"),
         ({"prompt": "x", "n": 0}, 400, "n"),

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -29,7 +30,7 @@ from disagfusion.worker import sender as sender_module
 from disagfusion.worker.api import RequestLimits
 from disagfusion.worker.gateway import Gateway, GatewayConfig, build_http_app
 from disagfusion.worker.metrics import HandoffMetrics
-from disagfusion.worker.params import GenerationParams
+from disagfusion.worker.params import GenerationParams, WorkerRole
 from disagfusion.worker.payload import (
     Payload,
     data_chunks,
@@ -45,7 +46,7 @@ from disagfusion.worker.sender import Sender
 HOST = "127.0.0.1"
 WAIT_S = 10.0
 PIPELINE = "test"
-ROLE = "decoder"
+ROLE: WorkerRole = "decoder"
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -81,9 +82,13 @@ def status(ack: object) -> str:
 def payload(rid: str, reply_to: str, deadline_unix: float = 0.0) -> Payload:
     """The prompt carries the request id so the fake compute can tell requests apart."""
     return Payload(
-        request_id=rid, params=GenerationParams(prompt=rid),
+        request_id=rid,
+        params=GenerationParams(prompt=rid),
         tensors={"x": torch.arange(4, dtype=torch.float32)},
-        deadline_unix=deadline_unix, reply_to=reply_to, pipeline=PIPELINE, model="fake",
+        deadline_unix=deadline_unix,
+        reply_to=reply_to,
+        pipeline=PIPELINE,
+        model="fake",
         source_stage="denoiser",
     )
 
@@ -167,13 +172,13 @@ class SubmitStream:
         finish: bool = True,
     ) -> None:
         self.call = stub.Submit()
-        self._writer = asyncio.create_task(self._write(
-            header or header_of(p), list(data_chunks(p) if chunks is None else chunks), finish
-        ))
+        self._writer = asyncio.create_task(
+            self._write(
+                header or header_of(p), list(data_chunks(p) if chunks is None else chunks), finish
+            )
+        )
 
-    async def _write(
-        self, header: pb.WorkHeader, chunks: list[pb.WorkChunk], finish: bool
-    ) -> None:
+    async def _write(self, header: pb.WorkHeader, chunks: list[pb.WorkChunk], finish: bool) -> None:
         # A receiver that rejects on the header may end the call before all is written.
         with contextlib.suppress(Exception):
             await self.call.write(pb.WorkChunk(header=header))
@@ -190,7 +195,7 @@ class SubmitStream:
 
     async def rest(self) -> list[str]:
         """Statuses of the remaining acks, until the stream ends."""
-        out = []
+        out: list[str] = []
         while True:
             ack = await asyncio.wait_for(self.call.read(), WAIT_S)
             if ack is grpc.aio.EOF:
@@ -245,8 +250,12 @@ class Cluster:
     ) -> Stage:
         runtime = StageRuntime(
             RuntimeConfig(
-                role=ROLE, model="fake", pipeline=PIPELINE, queue_capacity=queue_capacity,
-                overlap=overlap, drain_timeout_s=WAIT_S,
+                role=ROLE,
+                model="fake",
+                pipeline=PIPELINE,
+                queue_capacity=queue_capacity,
+                overlap=overlap,
+                drain_timeout_s=WAIT_S,
             ),
             input_error=input_error,
         )
@@ -266,7 +275,9 @@ class Cluster:
         pool = PeerPool("next", addrs, self.channels, poll_interval_s=0.05)
         pool.start()
         sender = Sender(
-            "upstream", self.channels, HandoffMetrics(CollectorRegistry(), "upstream", PIPELINE),
+            "upstream",
+            self.channels,
+            HandoffMetrics(CollectorRegistry(), "upstream", PIPELINE),
             pool=pool,
         )
         self.closers += [sender.close, pool.stop]
@@ -297,7 +308,8 @@ async def _bounded(what: str, step: Awaitable[object]) -> None:
     if not done:
         hung = []
         for t in asyncio.all_tasks():
-            coro, chain = t.get_coro(), []
+            coro: Any = t.get_coro()
+            chain = []
             while coro is not None and hasattr(coro, "cr_frame"):
                 if coro.cr_frame is not None:
                     chain.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
@@ -653,7 +665,9 @@ async def test_invalid_payload_is_rejected_for_good_and_the_worker_keeps_serving
 
     bad = payload("bad", gw_addr)
     s = cluster.submit(
-        stage.addr, bad, header=make_header(bad),
+        stage.addr,
+        bad,
+        header=make_header(bad),
         chunks=None if make_chunks is None else make_chunks(bad),
     )
     ack = await s.ack()
@@ -743,8 +757,12 @@ async def test_metrics_count_busy_rejections(cluster: Cluster) -> None:
 # ----------------------------------------------------------------------------- gateway
 
 LIMITS = RequestLimits(
-    served_model="fake-model", default_size=(64, 64), size_multiple=8, max_size=256,
-    default_steps=10, default_guidance=7.5,
+    served_model="fake-model",
+    default_size=(64, 64),
+    size_multiple=8,
+    max_size=256,
+    default_steps=10,
+    default_guidance=7.5,
 )
 PNG = b"\x89PNG\r\n\x1a\nfake image "
 
@@ -756,9 +774,7 @@ class FakeFirstStage(pb_grpc.StageServicer):
     def __init__(self, channels: ChannelCache) -> None:
         self.mode = "ok"
         self.received: list[str] = []
-        self._sender = Sender(
-            ROLE, channels, HandoffMetrics(CollectorRegistry(), ROLE, PIPELINE)
-        )
+        self._sender = Sender(ROLE, channels, HandoffMetrics(CollectorRegistry(), ROLE, PIPELINE))
 
     async def close(self) -> None:
         await self._sender.close()
@@ -780,13 +796,18 @@ class FakeFirstStage(pb_grpc.StageServicer):
         yield pb.Ack(request_id=rid, status=pb.Ack.RECEIVED)
         if self.mode == "ok":
             params = params_from_proto(header.params)
-            await self._sender.hand_off(Payload(
-                request_id=rid, params=params, reply_to=header.reply_to, source_stage=ROLE,
-                tensors={
-                    f"png.{i}": torch.tensor(list(PNG + bytes([i])), dtype=torch.uint8)
-                    for i in range(params.num_images)
-                },
-            ))
+            await self._sender.hand_off(
+                Payload(
+                    request_id=rid,
+                    params=params,
+                    reply_to=header.reply_to,
+                    source_stage=ROLE,
+                    tensors={
+                        f"png.{i}": torch.tensor(list(PNG + bytes([i])), dtype=torch.uint8)
+                        for i in range(params.num_images)
+                    },
+                )
+            )
         yield pb.Ack(request_id=rid, status=pb.Ack.DONE)
 
 
@@ -794,11 +815,17 @@ async def start_gateway(
     cluster: Cluster, first_stage_addr: str, **config: object
 ) -> tuple[Gateway, TestClient]:
     result_port = free_port()
-    gateway = Gateway(GatewayConfig(
-        model="fake-model", limits=LIMITS, first_stage="encoder",
-        stage_addrs={"encoder": [first_stage_addr]}, result_address=f"{HOST}:{result_port}",
-        pipeline=PIPELINE, **config,  # type: ignore[arg-type]
-    ))
+    gateway = Gateway(
+        GatewayConfig(
+            model="fake-model",
+            limits=LIMITS,
+            first_stage="encoder",
+            stage_addrs={"encoder": [first_stage_addr]},
+            result_address=f"{HOST}:{result_port}",
+            pipeline=PIPELINE,
+            **config,  # type: ignore[arg-type]
+        )
+    )
     await cluster.serve(gateway, result_port)
     gateway.start()
     client = TestClient(TestServer(build_http_app(gateway)))
@@ -834,9 +861,7 @@ async def test_gateway_returns_images_as_b64(cluster: Cluster) -> None:
     resp = await client.post(GENERATIONS, json={"prompt": "a cat", "n": 2, "seed": 7})
     body = await resp.json()
     assert resp.status == 200, body
-    assert [base64.b64decode(d["b64_json"]) for d in body["data"]] == [
-        PNG + b"\x00", PNG + b"\x01"
-    ]
+    assert [base64.b64decode(d["b64_json"]) for d in body["data"]] == [PNG + b"\x00", PNG + b"\x01"]
     assert [d["seed"] for d in body["data"]] == [7, 7]
     assert resp.headers["X-Request-Id"] == first.received[0]
 
@@ -917,9 +942,7 @@ async def test_gateway_answers_400_for_a_bad_body(
     gateway, client = await start_gateway(cluster, addr)
     await ready(gateway)
 
-    resp = await client.post(
-        GENERATIONS, data=data, headers={"Content-Type": "application/json"}
-    )
+    resp = await client.post(GENERATIONS, data=data, headers={"Content-Type": "application/json"})
     body = await resp.json()
     assert resp.status == 400, body
     assert body["error"]["type"] == "invalid_request_error"

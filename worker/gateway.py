@@ -27,8 +27,13 @@ from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.api import ApiError, RequestLimits, images_response, parse_images_request
 from disagfusion.worker.metrics import GatewayMetrics
 from disagfusion.worker.params import GenerationParams
-from disagfusion.worker.payload import Payload, PayloadError, payload_from, read_tensors
-from disagfusion.worker.payload import validate_header as validate_payload_header
+from disagfusion.worker.payload import (
+    Payload,
+    PayloadError,
+    payload_from,
+    read_header,
+    read_tensors,
+)
 from disagfusion.worker.peers import ChannelCache, PeerPool
 from disagfusion.worker.probes import add_probe_routes
 from disagfusion.worker.sender import DeliveryFailed, HandoffDelay, Sender
@@ -259,19 +264,13 @@ class Gateway(pb_grpc.StageServicer):
     ) -> AsyncIterator[pb.Ack]:
         started = time.perf_counter()
         stream = request_iterator.__aiter__()
-        first = await stream.__anext__()
-        header = first.header
+        header = pb.WorkHeader()
         try:
-            if first.WhichOneof("kind") != "header":
-                raise PayloadError("stream must start with a WorkHeader")
-            validate_payload_header(header)
+            header = await read_header(stream)
             if header.request_id in self._pending:
-                tensors = await read_tensors(header, stream)
-                self.metrics.handoff.received(
-                    sum(t.numel() * t.element_size() for t in tensors.values()),
-                    time.perf_counter() - started,
-                )
-                self._resolve(payload_from(header, tensors))
+                result = payload_from(header, await read_tensors(header, stream))
+                self.metrics.handoff.received(result.nbytes, time.perf_counter() - started)
+                self._resolve(result)
         except PayloadError as err:
             yield pb.Ack(
                 request_id=header.request_id,

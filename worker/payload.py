@@ -152,6 +152,18 @@ def validate_header(h: pb.WorkHeader) -> None:
         raise PayloadError(f"payload of {total} bytes exceeds {MAX_PAYLOAD_BYTES}")
 
 
+async def read_header(chunks: AsyncIterator[pb.WorkChunk]) -> pb.WorkHeader:
+    """The first message of a Submit stream, which must be a valid WorkHeader."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        raise PayloadError("stream ended before a WorkHeader") from None
+    if first.WhichOneof("kind") != "header":
+        raise PayloadError("stream must start with a WorkHeader")
+    validate_header(first.header)
+    return first.header
+
+
 def expected_bytes(h: pb.WorkHeader) -> int:
     return sum(m.nbytes for m in h.tensors)
 

@@ -12,6 +12,7 @@ import grpc
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.worker.aio import cancel_all, raise_if_cancelled
 from disagfusion.worker.dispatch import InstanceLoad, choose_instance
 
 log = logging.getLogger(__name__)
@@ -36,19 +37,6 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 16 << 20),
     ("grpc.max_receive_message_length", 16 << 20),
 ]
-
-
-def raise_if_cancelled() -> None:
-    """Honour a cancellation that a grpc.aio call absorbed.
-
-    Cancelling a task that awaits a call which is just starting or just failed
-    can be swallowed inside grpc.aio (the call ends with an error or EOF
-    instead of CancelledError); the task's cancel request stays counted, so
-    loops that retry on errors check it, or `stop()`/`close()` waits forever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class ChannelCache:
@@ -113,11 +101,7 @@ class PeerPool:
             self._tasks.append(asyncio.create_task(self._poll(address)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
 
     def ready_count(self) -> int:

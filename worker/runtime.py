@@ -10,7 +10,6 @@ its output off before it accepts the next: the synchronous baseline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -24,14 +23,15 @@ import torch
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.worker.aio import cancel_all
 from disagfusion.worker.metrics import StageMetrics
 from disagfusion.worker.params import GenerationParams, WorkerRole
 from disagfusion.worker.payload import (
     Payload,
     PayloadError,
     payload_from,
+    read_header,
     read_tensors,
-    validate_header,
 )
 from disagfusion.worker.peers import ChannelCache, PeerPool
 from disagfusion.worker.sender import DeliveryFailed, HandoffDelay, Sender
@@ -161,11 +161,7 @@ class StageRuntime(pb_grpc.StageServicer):
         return done and not self._entries
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         await self._sender.close()
         await self._reply_sender.close()
         if self._pool is not None:
@@ -226,19 +222,13 @@ class StageRuntime(pb_grpc.StageServicer):
     ) -> AsyncIterator[pb.Ack]:
         started = time.perf_counter()
         stream = request_iterator.__aiter__()
-        first = await stream.__anext__()
-        if first.WhichOneof("kind") != "header":
-            self.metrics.reject("invalid")
-            yield self._ack("", pb.Ack.REJECTED, "stream must start with a WorkHeader")
-            return
-        header = first.header
-        rid = header.request_id
         try:
-            validate_header(header)
+            header = await read_header(stream)
         except PayloadError as err:
             self.metrics.reject("invalid")
-            yield self._ack(rid, pb.Ack.REJECTED, f"invalid payload: {err}")
+            yield self._ack("", pb.Ack.REJECTED, f"invalid payload: {err}")
             return
+        rid = header.request_id
         if rid in self._finished:
             self.metrics.duplicates.inc()
             yield self._ack(rid, pb.Ack.RECEIVED)

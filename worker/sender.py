@@ -21,9 +21,10 @@ from enum import Enum
 import grpc
 
 from disagfusion.proto import disagfusion_pb2 as pb
+from disagfusion.worker.aio import cancel_all, raise_if_cancelled
 from disagfusion.worker.metrics import HandoffMetrics
 from disagfusion.worker.payload import Payload, data_chunks, header_of
-from disagfusion.worker.peers import ChannelCache, PeerPool, raise_if_cancelled
+from disagfusion.worker.peers import ChannelCache, PeerPool
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +111,7 @@ class Sender:
         return not pending
 
     async def close(self) -> None:
-        for task in list(self._custody):
-            task.cancel()
-        for task in list(self._custody):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._custody)
 
     async def _deliver(self, payload: Payload, received: asyncio.Future[None]) -> None:
         try:
