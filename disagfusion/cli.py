@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_positive_int, default=None)
     s.add_argument("--max-queue", type=_positive_int, default=32)
     s.add_argument("--log-dir", type=Path, default=None)
+    s.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every process to be ready",
+    )
     _add_handoff_args(s)
 
     gen = sub.add_parser("generate", help="generate an image")
@@ -188,7 +194,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from disagfusion.worker.launcher import LocalCluster, LocalOptions, example_commands
+    from disagfusion.worker.launcher import (
+        LocalCluster,
+        LocalOptions,
+        example_commands,
+        port_is_free,
+    )
     from disagfusion.worker.models import describe_model
 
     info = describe_model(args.model)
@@ -214,14 +225,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if not port_is_free(args.port):
+        print(f"error: port {args.port} is in use; pick another with --port", file=sys.stderr)
+        return 2
     cluster.start()
     try:
+        give_up = time.monotonic() + args.startup_timeout
         while not stop["signal"]:
             try:
                 cluster.wait_ready(timeout_s=0.5)
                 break
             except TimeoutError:
-                continue
+                if time.monotonic() > give_up:
+                    print(f"error: not ready after {args.startup_timeout:g}s", file=sys.stderr)
+                    return 1
+            except RuntimeError as err:  # a child exited while starting
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         if stop["signal"]:
             return 0
         size = f"{info.default_size[0]}x{info.default_size[1]}"

@@ -413,3 +413,18 @@ def test_bench_prints_one_json_object_per_mode(tmp_path: Path) -> None:
         assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
     assert report["monolithic"]["handoff_delay_ms"] == 0
     assert report["async"]["handoff_delay_ms"] == 5
+
+
+def test_serve_local_refuses_a_port_in_use() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "disagfusion", "serve", "--local", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 2
+    assert f"port {port} is in use" in out.stderr
