@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,9 +285,20 @@ def _is_ready(url: str) -> bool:
         return False
 
 
+def cli_path() -> str:
+    """How to call the `disagfusion` script from here, venv activated or not."""
+    script = Path(sys.executable).parent / "disagfusion"
+    if shutil.which("disagfusion") == str(script) or not script.exists():
+        return "disagfusion"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def example_commands(url: str, size: str) -> Sequence[str]:
     return (
-        f'disagfusion generate "a red fox" -o fox.png --url {url}',
+        f'{cli_path()} generate "a red fox" -o fox.png --url {url}',
         f"curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "
         f'-d \'{{"prompt": "a red fox", "size": "{size}"}}\'',
     )
