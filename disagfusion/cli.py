@@ -1,4 +1,4 @@
-"""The `disagfusion` console script: worker, gateway, serve, generate, bench."""
+"""The `disagfusion` console script: worker, gateway, serve, generate, bench, operator."""
 
 from __future__ import annotations
 
@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole diffusers pipeline in this process (the baseline)",
     )
     gen.add_argument("--model", default=None, help="with --in-process (default builtin:tiny-unet)")
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace", action="append", default=[], help="watch this namespace (repeatable)"
+    )
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument("--metrics-port", type=int, default=8080, help="0 turns /metrics off")
+    op.add_argument("--liveness-port", type=int, default=None, help="serve /healthz here")
 
     b = sub.add_parser("bench", help="throughput/latency: async vs sync vs monolithic")
     from disagfusion.worker.bench import add_bench_args
@@ -308,12 +317,22 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _cmd_serve,
         "generate": _cmd_generate,
         "bench": _bench,
+        "operator": _cmd_operator,
     }
     try:
         return handlers[args.command](args)
     except (ClientError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from disagfusion.operator.run import run_operator
+
+    namespaces = args.namespace or ([] if args.all_namespaces else ["default"])
+    return run_operator(
+        namespaces, args.all_namespaces, args.metrics_port, liveness_port=args.liveness_port
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:

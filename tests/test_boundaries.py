@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-POLICY_MODULES = ["worker/dispatch.py", "worker/api.py", "worker/params.py"]
+POLICY_MODULES = [
+    "worker/dispatch.py",
+    "worker/api.py",
+    "worker/params.py",
+    "operator/spec.py",
+    "operator/render.py",
+    "operator/conditions.py",
+]
 FORBIDDEN = {
     "aiohttp",
     "asyncio",

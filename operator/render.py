@@ -1,0 +1,458 @@
+"""Render a DiffusionPipeline's children (pure): what the operator applies.
+
+Per stage a StatefulSet and a headless Service (stable per-pod DNS
+`<name>-<stage>-<i>.<name>-<stage>.<ns>.svc`), the gateway Deployment and
+Service, and a ConfigMap with the topology the gateway reads. Every child
+carries an input-hash annotation so an unchanged child is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from disagfusion.operator.spec import STAGES, PipelineSpec, StageSpec
+
+GROUP = "disagfusion.io"
+VERSION = "v1alpha1"
+KIND = "DiffusionPipeline"
+PLURAL = "diffusionpipelines"
+HASH_ANNOTATION = "disagfusion.io/input-hash"
+GRPC_PORT = 50051
+HTTP_PORT = 8080
+GPU_RESOURCE = "nvidia.com/gpu"
+TOPOLOGY_DIR = "/etc/disagfusion"
+TOPOLOGY_FILE = "topology.json"
+PRESTOP_SLEEP_S = 5
+# The worker's own drain budget (`--drain-timeout`) plus the preStop sleep and slack.
+DRAIN_TIMEOUT_S = 120
+TERMINATION_GRACE_S = DRAIN_TIMEOUT_S + PRESTOP_SLEEP_S + 15
+RUN_AS_USER = 1000
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The DiffusionPipeline the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass(frozen=True)
+class Child:
+    """One rendered object: API coordinates plus the full body to apply."""
+
+    api_version: str
+    kind: str
+    name: str
+    body: dict[str, Any]
+
+    @property
+    def input_hash(self) -> str:
+        return str(self.body["metadata"]["annotations"][HASH_ANNOTATION])
+
+
+def stage_name(pipeline: str, stage: str) -> str:
+    return f"{pipeline}-{stage}"
+
+
+def gateway_name(pipeline: str) -> str:
+    return f"{pipeline}-gateway"
+
+
+def topology_name(pipeline: str) -> str:
+    return f"{pipeline}-topology"
+
+
+def pod_addresses(pipeline: str, namespace: str, stage: str, replicas: int) -> list[str]:
+    """The gRPC addresses of a stage's pods (StatefulSet ordinals through the headless Service)."""
+    svc = stage_name(pipeline, stage)
+    return [f"{svc}-{i}.{svc}.{namespace}.svc:{GRPC_PORT}" for i in range(replicas)]
+
+
+def topology(pipeline: str, namespace: str, spec: PipelineSpec) -> dict[str, list[str]]:
+    """What `disagfusion gateway --topology` reads: every stage's instance addresses."""
+    return {
+        stage: pod_addresses(pipeline, namespace, stage, spec.stages[stage].max_replicas)
+        for stage in STAGES
+    }
+
+
+def labels(pipeline: str, component: str) -> dict[str, str]:
+    out = selector_labels(pipeline, component)
+    out.update(
+        {
+            "app.kubernetes.io/managed-by": "disagfusion-operator",
+            "app.kubernetes.io/part-of": "disagfusion",
+        }
+    )
+    return out
+
+
+def selector_labels(pipeline: str, component: str) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "disagfusion",
+        "app.kubernetes.io/instance": pipeline,
+        "app.kubernetes.io/component": component,
+        "disagfusion.io/pipeline": pipeline,
+    }
+    if component in STAGES:
+        out["disagfusion.io/stage"] = component
+    return out
+
+
+def input_hash(body: dict[str, Any]) -> str:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _finish(
+    owner: Owner, component: str, api_version: str, kind: str, name: str, body: dict[str, Any]
+) -> Child:
+    body = {
+        "apiVersion": api_version,
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": owner.namespace,
+            "labels": labels(owner.name, component),
+            "ownerReferences": [owner.reference()],
+        },
+        **body,
+    }
+    body["metadata"]["annotations"] = {HASH_ANNOTATION: input_hash(body)}
+    return Child(api_version, kind, name, body)
+
+
+def _security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probes(port: int) -> dict[str, Any]:
+    return {
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": port},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        # Model loading may take minutes: liveness starts counting once /healthz answers.
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": port},
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_S}}},
+    }
+
+
+def _scrape_annotations(port: int) -> dict[str, str]:
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+def _model_env(spec: PipelineSpec) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [{"name": "DISAGFUSION_MODEL_FAMILY", "value": spec.model.family}]
+    if spec.model.revision:
+        env.append({"name": "DISAGFUSION_MODEL_REVISION", "value": spec.model.revision})
+    if spec.model.volume is not None:
+        env += [
+            {"name": "HF_HOME", "value": spec.model.mount_path},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+        ]
+    env.append({"name": "DISAGFUSION_CACHE", "value": "/tmp/disagfusion-cache"})
+    for key, value in sorted(spec.transport.options.items()):
+        env.append({"name": f"DISAGFUSION_TRANSPORT_{key.upper()}", "value": value})
+    return env
+
+
+def _model_volumes(spec: PipelineSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    if spec.model.volume is not None:
+        volumes.append({"name": "model", **spec.model.volume})
+        mounts.append({"name": "model", "mountPath": spec.model.mount_path, "readOnly": True})
+    return volumes, mounts
+
+
+def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageSpec) -> list[str]:
+    args = [
+        "worker",
+        "--stage",
+        stage.name,
+        "--model",
+        spec.model.source,
+        "--port",
+        str(GRPC_PORT),
+        "--http-port",
+        str(HTTP_PORT),
+        "--host",
+        "0.0.0.0",
+        "--pipeline",
+        pipeline,
+        "--queue-capacity",
+        str(stage.queue_capacity),
+        "--drain-timeout",
+        str(DRAIN_TIMEOUT_S),
+    ]
+    nxt = STAGES.index(stage.name) + 1
+    if nxt < len(STAGES):
+        following = spec.stages[STAGES[nxt]]
+        addrs = pod_addresses(pipeline, namespace, following.name, following.max_replicas)
+        args += ["--next", ",".join(addrs)]
+    if _gpus(stage.resources):
+        args += ["--device", "cuda"]
+    if spec.model.dtype != "auto":
+        args += ["--dtype", spec.model.dtype]
+    return args
+
+
+def _gpus(resources: dict[str, Any]) -> bool:
+    for section in ("limits", "requests"):
+        value = (resources.get(section) or {}).get(GPU_RESOURCE)
+        if value not in (None, 0, "0"):
+            return True
+    return False
+
+
+def _resources(resources: dict[str, Any]) -> dict[str, Any]:
+    """Extended resources (GPUs) must sit in limits; mirror a GPU request there."""
+    out = {k: dict(v) for k, v in resources.items() if isinstance(v, dict)}
+    gpu = (out.get("requests") or {}).get(GPU_RESOURCE)
+    if gpu is not None:
+        out.setdefault("limits", {}).setdefault(GPU_RESOURCE, gpu)
+    return out
+
+
+def render_stage(owner: Owner, spec: PipelineSpec, stage: StageSpec) -> list[Child]:
+    name = stage_name(owner.name, stage.name)
+    volumes, mounts = _model_volumes(spec)
+    container: dict[str, Any] = {
+        "name": stage.name,
+        "image": stage.image,
+        "args": worker_args(owner.name, owner.namespace, spec, stage),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT},
+            {"name": "http", "containerPort": HTTP_PORT},
+        ],
+        "env": _model_env(spec) + stage.env,
+        "resources": _resources(stage.resources),
+        "securityContext": _security_context(),
+        "volumeMounts": mounts,
+        **_probes(HTTP_PORT),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
+        "volumes": volumes,
+    }
+    if stage.node_selector:
+        pod_spec["nodeSelector"] = stage.node_selector
+    if stage.tolerations:
+        pod_spec["tolerations"] = stage.tolerations
+    if stage.affinity:
+        pod_spec["affinity"] = stage.affinity
+    sts = _finish(
+        owner,
+        stage.name,
+        "apps/v1",
+        "StatefulSet",
+        name,
+        {
+            "spec": {
+                "serviceName": name,
+                "replicas": stage.replicas,
+                "podManagementPolicy": "Parallel",
+                "selector": {"matchLabels": selector_labels(owner.name, stage.name)},
+                "template": {
+                    "metadata": {
+                        "labels": labels(owner.name, stage.name),
+                        "annotations": _scrape_annotations(HTTP_PORT),
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        },
+    )
+    svc = _finish(
+        owner,
+        stage.name,
+        "v1",
+        "Service",
+        name,
+        {
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": selector_labels(owner.name, stage.name),
+                "ports": [
+                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc"},
+                    {"name": "http", "port": HTTP_PORT, "targetPort": "http"},
+                ],
+            },
+        },
+    )
+    return [sts, svc]
+
+
+def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
+    gw = spec.gateway
+    name = gateway_name(owner.name)
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        *_model_env(spec),
+    ]
+    if gw.api_key_secret_ref is not None:
+        env.append(
+            {
+                "name": "DISAGFUSION_API_KEY",
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": gw.api_key_secret_ref.name,
+                        "key": gw.api_key_secret_ref.key,
+                    }
+                },
+            }
+        )
+    volumes, mounts = _model_volumes(spec)
+    volumes.append({"name": "topology", "configMap": {"name": topology_name(owner.name)}})
+    mounts.append({"name": "topology", "mountPath": TOPOLOGY_DIR, "readOnly": True})
+    args = [
+        "gateway",
+        "--model",
+        spec.model.source,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(gw.port),
+        "--grpc-port",
+        str(GRPC_PORT),
+        "--advertise-host",
+        "$(POD_IP)",
+        "--topology",
+        f"@{TOPOLOGY_DIR}/{TOPOLOGY_FILE}",
+        "--pipeline",
+        owner.name,
+        "--max-queue",
+        str(gw.max_queue),
+        "--request-timeout",
+        f"{gw.request_timeout_seconds:g}",
+    ]
+    container: dict[str, Any] = {
+        "name": "gateway",
+        "image": gw.image,
+        "args": args,
+        "ports": [
+            {"name": "http", "containerPort": gw.port},
+            {"name": "grpc", "containerPort": GRPC_PORT},
+        ],
+        "env": env,
+        "securityContext": _security_context(),
+        "volumeMounts": mounts,
+        **_probes(gw.port),
+    }
+    # The topology is part of the pod's inputs: a change rolls the gateway.
+    topo_hash = input_hash(topology(owner.name, owner.namespace, spec))
+    deploy = _finish(
+        owner,
+        "gateway",
+        "apps/v1",
+        "Deployment",
+        name,
+        {
+            "spec": {
+                "replicas": gw.replicas,
+                "selector": {"matchLabels": selector_labels(owner.name, "gateway")},
+                "template": {
+                    "metadata": {
+                        "labels": labels(owner.name, "gateway"),
+                        "annotations": {
+                            **_scrape_annotations(gw.port),
+                            "disagfusion.io/topology-hash": topo_hash,
+                        },
+                    },
+                    "spec": {
+                        "containers": [container],
+                        "terminationGracePeriodSeconds": int(gw.request_timeout_seconds)
+                        + PRESTOP_SLEEP_S
+                        + 15,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": RUN_AS_USER,
+                            "fsGroup": RUN_AS_USER,
+                        },
+                        "volumes": volumes,
+                    },
+                },
+            },
+        },
+    )
+    svc = _finish(
+        owner,
+        "gateway",
+        "v1",
+        "Service",
+        name,
+        {
+            "spec": {
+                "type": gw.service_type,
+                "selector": selector_labels(owner.name, "gateway"),
+                "ports": [{"name": "http", "port": gw.port, "targetPort": "http"}],
+            },
+        },
+    )
+    return [deploy, svc]
+
+
+def render_topology(owner: Owner, spec: PipelineSpec) -> Child:
+    data = {
+        TOPOLOGY_FILE: json.dumps(topology(owner.name, owner.namespace, spec), indent=1),
+        "pipeline.json": json.dumps(
+            {
+                "pipeline": owner.name,
+                "model": spec.model.source,
+                "family": spec.model.family,
+                "transport": spec.transport.backend,
+                "stages": {s: spec.stages[s].replicas for s in STAGES},
+            },
+            sort_keys=True,
+        ),
+    }
+    return _finish(owner, "topology", "v1", "ConfigMap", topology_name(owner.name), {"data": data})
+
+
+def render_all(owner: Owner, spec: PipelineSpec) -> list[Child]:
+    """Every child of a pipeline, in apply order (topology, stages, gateway)."""
+    children = [render_topology(owner, spec)]
+    for stage in STAGES:
+        children += render_stage(owner, spec, spec.stages[stage])
+    return children + render_gateway(owner, spec)
+
+
+def gateway_endpoint(owner: Owner, spec: PipelineSpec) -> str:
+    return f"http://{gateway_name(owner.name)}.{owner.namespace}.svc:{spec.gateway.port}"

@@ -1,0 +1,271 @@
+"""DiffusionPipeline spec: parse, default and validate (pure).
+
+The CRD's OpenAPI schema and CEL rules say the same things, but a cluster may
+not enforce them (old API servers, `--validate=false`, emulators), so the
+operator checks every rule itself and reports the problems by field path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
+DEFAULT_IMAGE = "ghcr.io/disagfusion/disagfusion:0.1.0"
+FAMILIES = ("auto", "unet", "mmdit")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TRANSPORTS = ("grpc",)
+AUTOSCALING_MODES = ("Disabled", "Advisory", "Active")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+DEFAULT_QUEUE_CAPACITY = 2
+
+
+class SpecError(ValueError):
+    """A spec that cannot be served; `problems` name the fields."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    revision: str | None = None
+    family: str = "auto"
+    dtype: str = "auto"
+    volume: dict[str, Any] | None = None
+    mount_path: str = "/models"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    image: str
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    queue_capacity: int = DEFAULT_QUEUE_CAPACITY
+    resources: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    env: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    name: str
+    key: str = "api-key"
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    image: str
+    replicas: int = 1
+    service_type: str = "ClusterIP"
+    port: int = 8000
+    api_key_secret_ref: SecretKeyRef | None = None
+    max_queue: int = 32
+    request_timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class TransportSpec:
+    backend: str = "grpc"
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    model: ModelSpec
+    image: str
+    stages: dict[str, StageSpec]
+    transport: TransportSpec
+    gateway: GatewaySpec
+    autoscaling_mode: str = "Disabled"
+
+
+class _Reader:
+    """Collects problems while reading typed fields out of plain dicts."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def obj(self, data: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
+        value = data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problems.append(f"{path}: must be an object")
+            return {}
+        return dict(value)
+
+    def str_(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: str | None = None,
+        choices: tuple[str, ...] = (),
+    ) -> str | None:
+        value = data.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            self.problems.append(f"{path}: must be a non-empty string")
+            return default
+        if choices and value not in choices:
+            self.problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+    def int_(
+        self, data: Mapping[str, Any], key: str, path: str, default: int, minimum: int = 0
+    ) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problems.append(f"{path}: must be an integer")
+            return default
+        if value < minimum:
+            self.problems.append(f"{path}: must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def list_(self, data: Mapping[str, Any], key: str, path: str) -> list[dict[str, Any]]:
+        value = data.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            self.problems.append(f"{path}: must be a list of objects")
+            return []
+        return [dict(v) for v in value]
+
+    def str_map(self, data: Mapping[str, Any], key: str, path: str) -> dict[str, str]:
+        value = self.obj(data, key, path)
+        if not all(isinstance(v, str) for v in value.values()):
+            self.problems.append(f"{path}: values must be strings")
+            return {}
+        return value
+
+
+def _model(r: _Reader, spec: Mapping[str, Any]) -> ModelSpec:
+    m = r.obj(spec, "model", "spec.model")
+    source = r.str_(m, "source", "spec.model.source")
+    if source is None:
+        r.problems.append("spec.model.source: required (builtin:tiny-unet, a hub id or a path)")
+        source = ""
+    volume = m.get("volume")
+    if volume is not None and (not isinstance(volume, Mapping) or not volume):
+        r.problems.append("spec.model.volume: must be a volume source object")
+        volume = None
+    mount_path = r.str_(m, "mountPath", "spec.model.mountPath", default="/models") or "/models"
+    if not mount_path.startswith("/"):
+        r.problems.append("spec.model.mountPath: must be an absolute path")
+    return ModelSpec(
+        source=source,
+        revision=r.str_(m, "revision", "spec.model.revision"),
+        family=r.str_(m, "family", "spec.model.family", "auto", FAMILIES) or "auto",
+        dtype=r.str_(m, "dtype", "spec.model.dtype", "auto", DTYPES) or "auto",
+        volume=dict(volume) if volume is not None else None,
+        mount_path=mount_path,
+    )
+
+
+def _stage(r: _Reader, name: str, data: Mapping[str, Any], image: str) -> StageSpec:
+    p = f"spec.stages.{name}"
+    replicas = r.int_(data, "replicas", f"{p}.replicas", 1, minimum=0)
+    lo = r.int_(data, "minReplicas", f"{p}.minReplicas", min(1, replicas), minimum=0)
+    hi = r.int_(data, "maxReplicas", f"{p}.maxReplicas", max(replicas, lo, 1), minimum=1)
+    if lo > hi:
+        r.problems.append(f"{p}: minReplicas ({lo}) must be <= maxReplicas ({hi})")
+    elif not lo <= replicas <= hi:
+        r.problems.append(f"{p}.replicas: {replicas} must be within [minReplicas, maxReplicas]")
+    return StageSpec(
+        name=name,
+        image=r.str_(data, "image", f"{p}.image", image) or image,
+        replicas=replicas,
+        min_replicas=lo,
+        max_replicas=hi,
+        queue_capacity=r.int_(
+            data, "queueCapacity", f"{p}.queueCapacity", DEFAULT_QUEUE_CAPACITY, minimum=1
+        ),
+        resources=r.obj(data, "resources", f"{p}.resources"),
+        node_selector=r.str_map(data, "nodeSelector", f"{p}.nodeSelector"),
+        tolerations=r.list_(data, "tolerations", f"{p}.tolerations"),
+        affinity=r.obj(data, "affinity", f"{p}.affinity"),
+        env=r.list_(data, "env", f"{p}.env"),
+    )
+
+
+def _gateway(r: _Reader, spec: Mapping[str, Any], image: str) -> GatewaySpec:
+    g = r.obj(spec, "gateway", "spec.gateway")
+    ref = None
+    raw_ref = r.obj(g, "apiKeySecretRef", "spec.gateway.apiKeySecretRef")
+    if raw_ref:
+        ref_name = r.str_(raw_ref, "name", "spec.gateway.apiKeySecretRef.name")
+        if ref_name is None:
+            r.problems.append("spec.gateway.apiKeySecretRef.name: required")
+        else:
+            key = r.str_(raw_ref, "key", "spec.gateway.apiKeySecretRef.key", "api-key")
+            ref = SecretKeyRef(ref_name, key or "api-key")
+    timeout = g.get("requestTimeoutSeconds", 300)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        r.problems.append("spec.gateway.requestTimeoutSeconds: must be a positive number")
+        timeout = 300
+    port = r.int_(g, "port", "spec.gateway.port", 8000, minimum=1)
+    if port > 65535:
+        r.problems.append("spec.gateway.port: must be <= 65535")
+    return GatewaySpec(
+        image=r.str_(g, "image", "spec.gateway.image", image) or image,
+        replicas=r.int_(g, "replicas", "spec.gateway.replicas", 1, minimum=0),
+        service_type=r.str_(
+            g, "serviceType", "spec.gateway.serviceType", "ClusterIP", SERVICE_TYPES
+        )
+        or "ClusterIP",
+        port=port,
+        api_key_secret_ref=ref,
+        max_queue=r.int_(g, "maxQueue", "spec.gateway.maxQueue", 32, minimum=1),
+        request_timeout_seconds=float(timeout),
+    )
+
+
+def parse_spec(spec: Mapping[str, Any] | None) -> PipelineSpec:
+    """Default and validate a DiffusionPipeline spec; raise SpecError naming every problem."""
+    r = _Reader()
+    spec = spec or {}
+    model = _model(r, spec)
+    image = r.str_(spec, "image", "spec.image", DEFAULT_IMAGE) or DEFAULT_IMAGE
+    raw_stages = r.obj(spec, "stages", "spec.stages")
+    for extra in sorted(set(raw_stages) - set(STAGES)):
+        r.problems.append(f"spec.stages.{extra}: unknown stage (use {', '.join(STAGES)})")
+    stages = {
+        name: _stage(r, name, r.obj(raw_stages, name, f"spec.stages.{name}"), image)
+        for name in STAGES
+    }
+    t = r.obj(spec, "transport", "spec.transport")
+    transport = TransportSpec(
+        backend=r.str_(t, "backend", "spec.transport.backend", "grpc", TRANSPORTS) or "grpc",
+        options=r.str_map(t, "options", "spec.transport.options"),
+    )
+    gateway = _gateway(r, spec, image)
+    a = r.obj(spec, "autoscaling", "spec.autoscaling")
+    mode = r.str_(a, "mode", "spec.autoscaling.mode", "Disabled", AUTOSCALING_MODES)
+    if r.problems:
+        raise SpecError(r.problems)
+    return PipelineSpec(
+        model=model,
+        image=image,
+        stages=stages,
+        transport=transport,
+        gateway=gateway,
+        autoscaling_mode=mode or "Disabled",
+    )
+
+
+def validate_spec(spec: Mapping[str, Any] | None) -> list[str]:
+    """The problems of a spec (empty when it is valid)."""
+    try:
+        parse_spec(spec)
+    except SpecError as err:
+        return err.problems
+    return []
