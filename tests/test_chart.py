@@ -244,27 +244,22 @@ def test_metrics_service_selects_operator(rendered: dict[str, list[Doc]]) -> Non
 
 # --- RBAC ------------------------------------------------------------------------------
 
-WRITE = {"get", "list", "watch", "create", "patch", "update", "delete"}
+WRITE = {"get", "create", "patch", "delete"}
 COMMON_RULES = {
-    ("disagfusion.io", "diffusionpipelines"): {"get", "list", "watch", "patch", "update"},
-    ("disagfusion.io", "diffusionpipelines/status"): {"get", "list", "watch", "patch", "update"},
+    ("disagfusion.io", "diffusionpipelines"): {"get", "list", "watch", "patch"},
+    ("disagfusion.io", "diffusionpipelines/status"): {"get", "patch"},
     ("apps", "statefulsets"): WRITE,
     ("apps", "deployments"): WRITE,
     ("", "services"): WRITE,
     ("", "configmaps"): WRITE,
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
 }
 CLUSTER_RULES = {
     **COMMON_RULES,
-    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
 }
-NAMESPACED_RULES = {
-    **COMMON_RULES,
-    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-}
+NAMESPACED_RULES = COMMON_RULES
 
 
 def grants(role: Doc) -> dict[tuple[str, str], set[str]]:
