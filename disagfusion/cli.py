@@ -11,8 +11,12 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from disagfusion.worker.params import ROLES
+
+if TYPE_CHECKING:
+    from disagfusion.worker.sender import HandoffDelay
 
 DEFAULT_MODEL = "builtin:tiny-unet"
 
@@ -30,6 +34,12 @@ def _add_handoff_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="uniform jitter around --handoff-delay-ms",
     )
+
+
+def _handoff_delay(args: argparse.Namespace) -> HandoffDelay:
+    from disagfusion.worker.sender import HandoffDelay
+
+    return HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3)
 
 
 def _positive_int(text: str) -> int:
@@ -147,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from disagfusion.worker.sender import HandoffDelay
     from disagfusion.worker.serve import WorkerOptions, run_worker
 
     opts = WorkerOptions(
@@ -162,7 +171,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         queue_capacity=args.queue_capacity,
         overlap=not args.no_overlap,
-        handoff_delay=HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3),
+        handoff_delay=_handoff_delay(args),
         threads=args.threads,
         drain_timeout_s=args.drain_timeout,
     )
@@ -172,7 +181,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
-    from disagfusion.worker.sender import HandoffDelay
     from disagfusion.worker.serve import GatewayOptions, run_gateway
 
     text = args.topology
@@ -194,9 +202,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 request_timeout_s=args.request_timeout,
                 max_images=args.max_images,
                 api_key=os.environ.get("DISAGFUSION_API_KEY") or None,
-                handoff_delay=HandoffDelay(
-                    args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3
-                ),
+                handoff_delay=_handoff_delay(args),
             )
         )
     )

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -252,24 +253,7 @@ def test_full_pipeline_answers_429_with_retry_after(tmp_path: Path) -> None:
 
 def test_serve_local_stops_every_child_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "disagfusion",
-            "serve",
-            "--local",
-            "--port",
-            str(port),
-            "--threads",
-            "1",
-            "--log-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _serve_local(port, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 240
@@ -298,23 +282,7 @@ def test_serve_local_stops_every_child_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "disagfusion",
-            "serve",
-            "--local",
-            "--port",
-            str(free_port()),
-            "--threads",
-            "1",
-            "--log-dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _serve_local(free_port(), tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while len(_children_of(proc.pid)) < 4:
         assert time.monotonic() < deadline
@@ -324,6 +292,24 @@ def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
     proc.wait()
     for pid in children:
         _wait_gone(pid)
+
+
+def _serve_local(port: int, log_dir: Path, **popen: Any) -> subprocess.Popen[Any]:
+    """`disagfusion serve --local` as a child process, the way a user starts it."""
+    argv = [
+        sys.executable,
+        "-m",
+        "disagfusion",
+        "serve",
+        "--local",
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        "--log-dir",
+        str(log_dir),
+    ]
+    return subprocess.Popen(argv, **popen)
 
 
 def _children_of(pid: int) -> list[int]:
