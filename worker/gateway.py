@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import math
 import time
@@ -397,8 +396,3 @@ def build_http_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/v1/models", models)
     add_probe_routes(app, gateway.metrics.registry, gateway.readiness)
     return app
-
-
-async def close_quietly(server: grpc.aio.Server, grace_s: float) -> None:
-    with contextlib.suppress(Exception):
-        await server.stop(grace_s)

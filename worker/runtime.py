@@ -16,7 +16,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 import grpc
 import torch
@@ -41,16 +40,6 @@ log = logging.getLogger(__name__)
 # Request ids remembered after completion, so a retried duplicate is answered
 # DONE instead of being computed twice.
 FINISHED_MEMORY = 10_000
-
-
-class StageModelLike(Protocol):
-    def run(
-        self, params: GenerationParams, inputs: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]: ...
-
-
-class InputError(Protocol):
-    """Marker: exceptions of the model's input-error type become 400s."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.api import RequestLimits
-from disagfusion.worker.gateway import Gateway, GatewayConfig, GatewayGrpc
+from disagfusion.worker.gateway import Gateway, GatewayConfig, GatewayGrpc, build_http_app
 from disagfusion.worker.params import GenerationParams, WorkerRole
 from disagfusion.worker.peers import SERVER_OPTIONS
 from disagfusion.worker.probes import add_probe_routes, start_site
@@ -189,7 +189,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
         raise OSError(f"cannot listen on {opts.host}:{opts.grpc_port}")
     await server.start()
     gateway.start()
-    runner = await start_site(_http_app(gateway), opts.host, opts.port)
+    runner = await start_site(build_http_app(gateway), opts.host, opts.port)
     log.info("gateway for %s on http://%s:%d", name, opts.host, opts.port)
     await _wait_for_signal()
     await runner.shutdown()
@@ -197,9 +197,3 @@ async def run_gateway(opts: GatewayOptions) -> int:
     await server.stop(1.0)
     await gateway.stop()
     return 0
-
-
-def _http_app(gateway: Gateway) -> web.Application:
-    from disagfusion.worker.gateway import build_http_app
-
-    return build_http_app(gateway)
