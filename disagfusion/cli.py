@@ -1,4 +1,5 @@
-"""The `disagfusion` console script: worker, gateway, serve, generate, bench, operator."""
+"""The `disagfusion` console script: worker, gateway, serve, generate, bench, operator,
+plan, profile, simulate."""
 
 from __future__ import annotations
 
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     from disagfusion.worker.bench import add_bench_args
 
     add_bench_args(b)
+
+    # Scheduling tools: each module adds its subcommands and sets `func`.
+    from disagfusion import cli_plan, cli_simulate
+
+    cli_plan.register(sub)
+    cli_simulate.register(sub)
     return parser
 
 
@@ -326,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         "operator": _cmd_operator,
     }
     try:
+        func = getattr(args, "func", None)
+        if func is not None:
+            return int(func(args))
         return handlers[args.command](args)
     except (ClientError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -160,6 +160,9 @@ class Gateway(pb_grpc.StageServicer):
 
     async def generate(self, params: GenerationParams) -> GeneratedImages:
         """Run one request through the pipeline; raises RequestFailed."""
+        self.metrics.arrived(
+            params.width, params.height, 1, params.num_inference_steps, params.num_images
+        )
         ready, detail = self.readiness()
         if not ready:
             raise RequestFailed(503, f"pipeline not ready: {detail}", retry_after_s=5)

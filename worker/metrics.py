@@ -202,7 +202,23 @@ class GatewayMetrics:
             ["pipeline"],
             registry=r,
         ).labels(pipeline=pipeline)
+        self.arrivals = Counter(
+            "disagfusion_gateway_arrivals_total",
+            "Images requested, accepted or not, by request shape: the demand autoscaling sizes"
+            " the stages for.",
+            ["pipeline", "width", "height", "frames", "steps"],
+            registry=r,
+        )
         self.handoff = HandoffMetrics(r, "gateway", pipeline)
+
+    def arrived(self, width: int, height: int, frames: int, steps: int, images: int) -> None:
+        self.arrivals.labels(
+            pipeline=self.pipeline,
+            width=str(width),
+            height=str(height),
+            frames=str(frames),
+            steps=str(steps),
+        ).inc(images)
 
     def observe(self, code: int, seconds: float) -> None:
         self.requests.labels(pipeline=self.pipeline, code=str(code)).inc()

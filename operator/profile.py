@@ -1,0 +1,290 @@
+"""Performance profiles: what each stage costs per request shape and accelerator (pure).
+
+A profile says, per stage and accelerator, how long one request takes:
+
+    seconds = a + b·P + c·P·steps + d·P²·steps,   P = width·height·frames / 10⁶
+
+`a` is fixed overhead (a text encoder's cost does not depend on the image),
+`b` scales with pixels (VAE decoding), `c` with pixels·steps (the DiT's
+linear layers) and `d` with pixels²·steps (attention over all tokens).
+The planner, the policies and the simulator all read service times from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
+COEFFICIENTS = ("a", "b", "c", "d")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; `problems` name the fields."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, order=True)
+class RequestShape:
+    width: int = 1024
+    height: int = 1024
+    frames: int = 1
+    steps: int = 30
+
+    @property
+    def megapixels(self) -> float:
+        """P: pixels of all frames, in millions."""
+        return self.width * self.height * self.frames / 1e6
+
+    def label(self) -> str:
+        frames = f"x{self.frames}f" if self.frames > 1 else ""
+        return f"{self.width}x{self.height}{frames}@{self.steps}"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    cost_per_hour: float = 0.0
+    memory_gb: float = 80.0
+    count: int | None = None  # how many the cluster has; None: only the GPU budget limits
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Service-time model of one stage on one accelerator."""
+
+    a: float = 0.0
+    b: float = 0.0
+    c: float = 0.0
+    d: float = 0.0
+    memory_gb: float = 0.0
+
+    def seconds(self, shape: RequestShape) -> float:
+        p = shape.megapixels
+        return self.a + self.b * p + self.c * p * shape.steps + self.d * p * p * shape.steps
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    accelerators: tuple[Accelerator, ...]
+    stages: Mapping[str, Mapping[str, StageCost]]  # stage -> accelerator name -> cost
+    startup_seconds: float = 60.0
+    default_request: RequestShape = RequestShape()
+    handoff_seconds: float = 0.02  # per hop, added to latency (not to GPU time)
+    default_gpus: int | None = None  # the GPU budget simulate/plan use when none is given
+    default_slo: str | None = None  # "30s" or "2x"
+    description: str = ""
+    source: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def accelerator(self, name: str) -> Accelerator:
+        for acc in self.accelerators:
+            if acc.name == name:
+                return acc
+        raise KeyError(name)
+
+    def options(self, stage: str) -> tuple[str, ...]:
+        """Accelerators this stage can run on, in profile order."""
+        costs = self.stages[stage]
+        return tuple(a.name for a in self.accelerators if a.name in costs)
+
+    def default_accelerator(self, stage: str) -> str:
+        return self.options(stage)[0]
+
+    def service_time(self, stage: str, accelerator: str, shape: RequestShape) -> float:
+        return self.stages[stage][accelerator].seconds(shape)
+
+    def gpus_per_instance(self, stage: str, accelerator: str) -> int:
+        """GPUs one instance needs to hold the stage's weights (at least one)."""
+        need = self.stages[stage][accelerator].memory_gb
+        have = self.accelerator(accelerator).memory_gb
+        return max(1, math.ceil(need / have)) if have > 0 else 1
+
+    def unloaded_latency(self, shape: RequestShape, accelerators: Mapping[str, str]) -> float:
+        """End-to-end seconds of one request on an idle pipeline (the slowdown SLO's base)."""
+        compute = sum(self.service_time(s, accelerators[s], shape) for s in STAGES)
+        return compute + self.handoff_seconds * (len(STAGES) - 1)
+
+
+def _number(
+    problems: list[str], data: Mapping[str, Any], key: str, path: str, default: float
+) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        problems.append(f"{path}.{key}: must be a number")
+        return default
+    if value < 0:
+        problems.append(f"{path}.{key}: must be >= 0, got {value}")
+        return default
+    return float(value)
+
+
+def parse_shape(data: Any, path: str, problems: list[str]) -> RequestShape:
+    if not isinstance(data, Mapping):
+        problems.append(f"{path}: must be an object with width, height, frames, steps")
+        return RequestShape()
+    unknown = sorted(set(data) - {"width", "height", "frames", "steps", "t"})
+    if unknown:
+        problems.append(f"{path}: unknown field(s) {', '.join(unknown)}")
+    values: dict[str, int] = {}
+    for key, default in (("width", 1024), ("height", 1024), ("frames", 1), ("steps", 30)):
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{path}.{key}: must be an integer >= 1, got {value!r}")
+            value = default
+        values[key] = value
+    return RequestShape(**values)
+
+
+def parse_slo(text: str) -> tuple[str, float]:
+    """'30s' -> ('seconds', 30.0); '2x' -> ('slowdown', 2.0). ValueError names the problem."""
+    raw = text.strip().lower()
+    kind = {"s": "seconds", "x": "slowdown"}.get(raw[-1:]) if raw else None
+    try:
+        value = float(raw[:-1]) if kind else float("nan")
+    except ValueError:
+        value = float("nan")
+    if kind is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"SLO {text!r}: use seconds like '30s' or a slowdown like '2x'")
+    if kind == "slowdown" and value < 1:
+        raise ValueError(f"SLO {text!r}: a slowdown must be >= 1x")
+    return kind, value
+
+
+def parse_profile(data: Any, name: str = "") -> Profile:
+    """Validate a profile (the parsed YAML/JSON); ProfileError lists every problem."""
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        raise ProfileError(["profile: must be an object"])
+    name = str(data.get("name") or name or "profile")
+    accelerators: list[Accelerator] = []
+    raw_accs = data.get("accelerators")
+    if not isinstance(raw_accs, list) or not raw_accs:
+        problems.append(
+            "accelerators: must be a non-empty list of {name, cost_per_hour, memory_gb}"
+        )
+        raw_accs = []
+    for i, acc in enumerate(raw_accs):
+        path = f"accelerators[{i}]"
+        if not isinstance(acc, Mapping) or not isinstance(acc.get("name"), str):
+            problems.append(f"{path}: must be an object with a string name")
+            continue
+        count = acc.get("count")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+            problems.append(f"{path}.count: must be an integer")
+            count = None
+        accelerators.append(
+            Accelerator(
+                name=acc["name"],
+                cost_per_hour=_number(problems, acc, "cost_per_hour", path, 0.0),
+                memory_gb=_number(problems, acc, "memory_gb", path, 80.0),
+                count=count,
+            )
+        )
+    names = [a.name for a in accelerators]
+    if len(set(names)) != len(names):
+        problems.append("accelerators: names must be unique")
+    stages: dict[str, dict[str, StageCost]] = {}
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, Mapping):
+        problems.append("stages: must map encoder, denoiser and decoder to per-accelerator costs")
+        raw_stages = {}
+    for extra in sorted(set(raw_stages) - set(STAGES)):
+        problems.append(f"stages.{extra}: unknown stage (use {', '.join(STAGES)})")
+    for stage in STAGES:
+        per_acc = raw_stages.get(stage)
+        if not isinstance(per_acc, Mapping) or not per_acc:
+            problems.append(f"stages.{stage}: required, a map of accelerator name to coefficients")
+            continue
+        stages[stage] = {}
+        for acc_name, coeffs in per_acc.items():
+            path = f"stages.{stage}.{acc_name}"
+            if acc_name not in names:
+                problems.append(f"{path}: accelerator {acc_name!r} is not in accelerators")
+                continue
+            if not isinstance(coeffs, Mapping):
+                problems.append(f"{path}: must be an object with a, b, c, d, memory_gb")
+                continue
+            unknown = sorted(set(coeffs) - {*COEFFICIENTS, "memory_gb"})
+            if unknown:
+                problems.append(f"{path}: unknown field(s) {', '.join(unknown)}")
+            stages[stage][acc_name] = StageCost(
+                **{k: _number(problems, coeffs, k, path, 0.0) for k in (*COEFFICIENTS, "memory_gb")}
+            )
+    default_request = parse_shape(data.get("default_request", {}), "default_request", problems)
+    startup = _number(problems, data, "startup_seconds", "profile", 60.0)
+    handoff = _number(problems, data, "handoff_seconds", "profile", 0.02)
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        problems.append("defaults: must be an object with gpus and slo")
+        defaults = {}
+    gpus = defaults.get("gpus")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 3):
+        problems.append(f"defaults.gpus: must be an integer >= 3 (one per stage), got {gpus!r}")
+        gpus = None
+    slo = defaults.get("slo")
+    if slo is not None:
+        try:
+            parse_slo(str(slo))
+        except ValueError as err:
+            problems.append(f"defaults.slo: {err}")
+            slo = None
+    if problems:
+        raise ProfileError(problems)
+    return Profile(
+        name=name,
+        accelerators=tuple(accelerators),
+        stages=stages,
+        startup_seconds=startup,
+        default_request=default_request,
+        handoff_seconds=handoff,
+        default_gpus=gpus,
+        default_slo=str(slo) if slo is not None else None,
+        description=str(data.get("description") or ""),
+        source=str(data.get("source") or ""),
+    )
+
+
+def profile_to_dict(profile: Profile) -> dict[str, Any]:
+    """The file form of a profile (what `disagfusion profile` writes)."""
+    out: dict[str, Any] = {
+        "name": profile.name,
+        "description": profile.description,
+        "source": profile.source,
+        "accelerators": [
+            {
+                "name": a.name,
+                "cost_per_hour": a.cost_per_hour,
+                "memory_gb": a.memory_gb,
+                **({"count": a.count} if a.count is not None else {}),
+            }
+            for a in profile.accelerators
+        ],
+        "startup_seconds": profile.startup_seconds,
+        "handoff_seconds": profile.handoff_seconds,
+        "default_request": {
+            "width": profile.default_request.width,
+            "height": profile.default_request.height,
+            "frames": profile.default_request.frames,
+            "steps": profile.default_request.steps,
+        },
+        "stages": {
+            stage: {
+                acc: {k: getattr(cost, k) for k in (*COEFFICIENTS, "memory_gb") if getattr(cost, k)}
+                for acc, cost in per_acc.items()
+            }
+            for stage, per_acc in profile.stages.items()
+        },
+    }
+    defaults = {
+        k: v for k, v in (("gpus", profile.default_gpus), ("slo", profile.default_slo)) if v
+    }
+    if defaults:
+        out["defaults"] = defaults
+    return out
