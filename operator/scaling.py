@@ -124,3 +124,10 @@ def accelerators_of(snapshot: Snapshot, profile: Profile) -> dict[str, str]:
         or profile.default_accelerator(s)
         for s in STAGES
     }
+
+
+def replicas_to_apply(decision: Decision, snapshot: Snapshot, mode: str) -> dict[str, int]:
+    """What the caller should run: the decision when Active, the current sizes otherwise."""
+    if mode == "Active":
+        return decision.replicas()
+    return {s: obs.desired for s, obs in snapshot.stages.items()}
