@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from disagfusion.worker.params import ROLES
 
 if TYPE_CHECKING:
+    from disagfusion.worker.elastic import Autoscaler
+    from disagfusion.worker.launcher import LocalCluster
     from disagfusion.worker.sender import HandoffDelay
 
 DEFAULT_MODEL = "builtin:tiny-unet"
@@ -122,6 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         help="seconds to wait for every process to be ready",
     )
+    s.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="add and remove stage workers with the hybrid policy (prints each action)",
+    )
+    s.add_argument(
+        "--max-workers",
+        type=int,
+        default=6,
+        help="with --autoscale: stage workers running at once, at most (>= 3)",
+    )
+    s.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=5.0,
+        help="with --autoscale: seconds between metric scrapes and decisions",
+    )
+    s.add_argument(
+        "--profile",
+        default=None,
+        help="with --autoscale: performance profile, a file or builtin:NAME"
+        " (default: rough CPU costs of builtin:tiny-unet, corrected by feedback)",
+    )
     _add_handoff_args(s)
 
     gen = sub.add_parser("generate", help="generate an image")
@@ -149,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     op.add_argument("--metrics-port", type=int, default=8080, help="0 turns /metrics off")
     op.add_argument("--liveness-port", type=int, default=None, help="serve /healthz here")
+    op.add_argument(
+        "--prometheus-url",
+        default=None,
+        help="Prometheus the autoscaler queries (default $DISAGFUSION_PROMETHEUS_URL)",
+    )
 
     b = sub.add_parser("bench", help="throughput/latency: async vs sync vs monolithic")
     from disagfusion.worker.bench import add_bench_args
@@ -224,6 +254,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     from disagfusion.worker.models import describe_model
 
+    problem = _autoscale_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     info = describe_model(args.model)
     cluster = LocalCluster(
         LocalOptions(
@@ -238,8 +272,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             threads=args.threads,
             max_waiting=args.max_queue,
             log_dir=args.log_dir,
+            max_workers=args.max_workers if args.autoscale else 0,
         )
     )
+    try:
+        scaler = _autoscaler(args, cluster) if args.autoscale else None
+    except (ValueError, KeyError, OSError) as err:  # a profile that cannot be used
+        print(f"error: --profile {args.profile}: {err}", file=sys.stderr)
+        return 2
     stop = {"signal": 0}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -270,15 +310,59 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{len(v)} {k}" for k, v in cluster.workers.items())
         print(f"\ndisagfusion serving {info.name} ({counts}) at {cluster.url}", flush=True)
         print("try:\n  " + "\n  ".join(example_commands(cluster.url, size)), flush=True)
+        if scaler is not None:
+            print(
+                f"autoscaling up to {args.max_workers} workers every"
+                f" {args.autoscale_interval:g}s with profile {scaler.profile.name}",
+                flush=True,
+            )
+        next_step = time.monotonic() + args.autoscale_interval
         while not stop["signal"]:
             dead = cluster.exited()
             if dead:
                 print(f"{dead[0].name} exited unexpectedly; stopping", file=sys.stderr)
                 return 1
+            if scaler is not None and time.monotonic() >= next_step:
+                scaler.safe_step()
+                next_step = time.monotonic() + args.autoscale_interval
             time.sleep(0.5)
         return 0
     finally:
         cluster.stop()
+
+
+def _autoscale_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the autoscaling flags, or ""."""
+    if not args.autoscale:
+        return ""
+    if args.max_workers < 3:
+        return f"--max-workers must be >= 3 (one worker per stage), got {args.max_workers}"
+    start = args.encoders + args.denoisers + args.decoders
+    if start > args.max_workers:
+        return f"{start} workers to start exceed --max-workers {args.max_workers}"
+    if not args.autoscale_interval > 0:
+        return f"--autoscale-interval must be > 0, got {args.autoscale_interval:g}"
+    return ""
+
+
+def _autoscaler(args: argparse.Namespace, cluster: LocalCluster) -> Autoscaler:
+    from disagfusion.operator.hybrid import HybridPolicy
+    from disagfusion.worker.elastic import Autoscaler, local_knobs, local_profile
+
+    if args.profile:
+        from disagfusion.cli_plan import load_profile
+
+        profile = load_profile(args.profile)
+    else:
+        profile = local_profile()
+    return Autoscaler(
+        cluster,
+        HybridPolicy(),
+        profile,
+        local_knobs(args.max_workers, args.autoscale_interval),
+        args.max_workers,
+        report=lambda line: print(time.strftime("%H:%M:%S ") + line, flush=True),
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -347,7 +431,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     namespaces = args.namespace or ([] if args.all_namespaces else ["default"])
     return run_operator(
-        namespaces, args.all_namespaces, args.metrics_port, liveness_port=args.liveness_port
+        namespaces,
+        args.all_namespaces,
+        args.metrics_port,
+        liveness_port=args.liveness_port,
+        prometheus_url=args.prometheus_url,
     )
 
 

@@ -46,7 +46,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "startup_seconds": 180,
         "handoff_seconds": 0.03,
         "default_request": {"width": 832, "height": 480, "frames": 81, "steps": 50},
-        "defaults": {"gpus": 96, "slo": "2x"},
+        "defaults": {"gpus": 96, "slo": "600s"},
         "stages": {
             "encoder": {"H100": {"a": 0.89, "memory_gb": 9.4}},
             "denoiser": {
@@ -63,7 +63,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "startup_seconds": 120,
         "handoff_seconds": 0.03,
         "default_request": {"width": 1328, "height": 1328, "frames": 1, "steps": 50},
-        "defaults": {"gpus": 64, "slo": "2x"},
+        "defaults": {"gpus": 64, "slo": "60s"},
         "stages": {
             "encoder": {"H100": _QWEN_ENCODER},
             "denoiser": {"H100": _QWEN_DENOISER},
@@ -81,7 +81,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "startup_seconds": 120,
         "handoff_seconds": 0.03,
         "default_request": {"width": 1328, "height": 1328, "frames": 1, "steps": 50},
-        "defaults": {"gpus": 64, "slo": "2x"},
+        "defaults": {"gpus": 64, "slo": "60s"},
         "stages": {
             "encoder": {"H100": _QWEN_ENCODER, "L40S": _scaled(_QWEN_ENCODER, 2.0)},
             "denoiser": {"H100": _QWEN_DENOISER, "L40S": _scaled(_QWEN_DENOISER, 2.7)},

@@ -157,3 +157,69 @@ def apply_invalid(
         conditions, INVALID_SPEC, True, "ValidationFailed", message, now, generation
     )
     return set_condition(out, READY, False, "InvalidSpec", message, now, generation)
+
+
+# Autoscaling (written by the autoscale timer; reconcile keeps them as they are).
+SCALING_ACTIVE = "ScalingActive"
+SCALING_LIMITED = "ScalingLimited"
+METRICS_AVAILABLE = "MetricsAvailable"
+SCALING_CONDITIONS = (SCALING_ACTIVE, SCALING_LIMITED, METRICS_AVAILABLE)
+
+
+@dataclass(frozen=True)
+class Check:
+    status: bool
+    reason: str
+    message: str
+
+
+def scaling_checks(
+    mode: str,
+    profile: str | None,
+    metrics_ok: bool,
+    metrics_problem: str,
+    limited: Mapping[str, str],
+) -> tuple[Check, Check, Check]:
+    """(ScalingActive, ScalingLimited, MetricsAvailable) for one autoscaler round.
+
+    `limited` maps a stage to what capped it ("budget" or "max").
+    """
+    if metrics_ok:
+        metrics = Check(True, "MetricsFresh", "load metrics are fresh")
+    else:
+        metrics = Check(False, "MetricsUnavailable", f"holding current sizes: {metrics_problem}")
+    if profile is None:
+        active = Check(
+            False, "NoProfile", "set spec.autoscaling.profile or customProfile to size stages"
+        )
+    elif not metrics_ok:
+        active = Check(False, "HoldingSizes", "no fresh metrics; sizes held")
+    elif mode == "Advisory":
+        active = Check(False, "Advisory", f"deciding with {profile}; not scaling (Advisory)")
+    else:
+        active = Check(True, "Scaling", f"scaling stages with {profile}")
+    if limited:
+        parts = ", ".join(f"{s} by {why}" for s, why in sorted(limited.items()))
+        reasons = set(limited.values())
+        reason = "BudgetReached" if "budget" in reasons else "MaxReplicasReached"
+        limit = Check(True, reason, f"capped: {parts}")
+    else:
+        limit = Check(False, "WithinLimits", "no stage is capped by maxReplicas or the GPU budget")
+    return active, limit, metrics
+
+
+def apply_scaling(
+    conditions: Sequence[Mapping[str, Any]],
+    checks: tuple[Check, Check, Check],
+    now: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    out = [dict(c) for c in conditions]
+    for type_, check in zip(SCALING_CONDITIONS, checks, strict=True):
+        out = set_condition(out, type_, check.status, check.reason, check.message, now, generation)
+    return out
+
+
+def without_scaling(conditions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conditions minus the autoscaler's (mode Disabled)."""
+    return [dict(c) for c in conditions if c.get("type") not in SCALING_CONDITIONS]

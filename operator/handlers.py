@@ -19,20 +19,30 @@ runs again or the `disagfusion.io/operator` finalizer is removed by hand.
 
 kopf's own bookkeeping (progress, last-handled configuration) lives in
 annotations prefixed `disagfusion.io/`.
+
+Autoscaling (operator/autoscale.py) runs on its own timer. In Active mode
+the sizes it sets are kept in `status.autoscaling.replicas`, and reconcile
+renders those instead of spec.stages[].replicas, so drift repair and an
+operator restart keep them. Both writers of a pipeline's status hold the
+pipeline's lock and start from the last status this process wrote (a
+watch event may not have brought it back yet), so neither drops the
+other's conditions.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
 from disagfusion.operator import conditions as cond
+from disagfusion.operator.autoscale import autoscale
 from disagfusion.operator.kube import Kube, KubeError
 from disagfusion.operator.metrics import OperatorMetrics
 from disagfusion.operator.render import (
@@ -40,15 +50,18 @@ from disagfusion.operator.render import (
     PLURAL,
     VERSION,
     Owner,
+    effective_replicas,
     gateway_endpoint,
     gateway_name,
     render_all,
     stage_name,
 )
-from disagfusion.operator.spec import STAGES, SpecError, parse_spec
+from disagfusion.operator.scaling import Policy
+from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
+DEFAULT_AUTOSCALE_TICK_S = 1.0
 FINALIZER = "disagfusion.io/operator"
 
 
@@ -58,8 +71,45 @@ def utc_now() -> str:
 
 @dataclass
 class Context:
+    """The operator's collaborators and its in-memory state (lost on restart, by design)."""
+
     kube: Kube
     metrics: OperatorMetrics
+    policy: Policy | None = None  # None: HybridPolicy
+    prometheus_url: str | None = None  # default for spec.autoscaling.prometheusUrl
+    rate_window: str = "1m"  # PromQL range of the autoscaler's rates
+    prometheus_timeout_s: float = 5.0
+    clock: Callable[[], float] = time.time
+    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> last written
+    scalers: dict[str, Any] = field(default_factory=dict)  # uid -> autoscale.Memory
+    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def lock(self, uid: str) -> threading.Lock:
+        """One lock per pipeline: its reconcile and autoscale rounds never interleave."""
+        with self._guard:
+            return self._locks.setdefault(uid, threading.Lock())
+
+    def known_status(self, uid: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The newest status we know of: what we last wrote, else the body's."""
+        cached = self.statuses.get(uid)
+        return dict(cached if cached is not None else (body.get("status") or {}))
+
+    def write_status(
+        self, namespace: str, name: str, uid: str, old: Mapping[str, Any], patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge-patch the status unless that changes nothing; remember the result."""
+        new = merge_patch(old, patch)
+        if new != old:
+            self.kube.patch_status(namespace, name, patch)
+        self.statuses[uid] = new
+        return new
+
+    def forget(self, uid: str) -> None:
+        self.statuses.pop(uid, None)
+        self.scalers.pop(uid, None)
+        with self._guard:
+            self._locks.pop(uid, None)
 
 
 def reconcile(ctx: Context, body: Mapping[str, Any], now: str | None = None) -> str:
@@ -84,10 +134,16 @@ def reconcile(ctx: Context, body: Mapping[str, Any], now: str | None = None) -> 
 
 
 def _reconcile(ctx: Context, body: Mapping[str, Any], now: str) -> str:
+    uid = str((body.get("metadata") or {}).get("uid") or "")
+    with ctx.lock(uid):
+        return _reconcile_locked(ctx, body, now, uid)
+
+
+def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str) -> str:
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta.get("namespace") or "default")
     generation = int(meta.get("generation") or 0)
-    status: Mapping[str, Any] = body.get("status") or {}
+    status = ctx.known_status(uid, body)
     old_conditions = list(status.get("conditions") or [])
     try:
         spec = parse_spec(body.get("spec"))
@@ -95,14 +151,16 @@ def _reconcile(ctx: Context, body: Mapping[str, Any], now: str) -> str:
         conditions = cond.apply_invalid(old_conditions, err.problems, now, generation)
         new_status = {**status, "observedGeneration": generation, "conditions": conditions}
         if _changed(status, new_status):
-            ctx.kube.patch_status(namespace, name, new_status)
+            ctx.write_status(namespace, name, uid, status, new_status)
             ctx.kube.event(body, "Warning", "InvalidSpec", str(err))
         log.warning("%s/%s: invalid spec: %s", namespace, name, err)
         return "invalid"
 
-    owner = Owner(name=name, namespace=namespace, uid=str(meta.get("uid") or ""))
+    owner = Owner(name=name, namespace=namespace, uid=uid)
+    sizes = effective_replicas(spec, autoscaled_replicas(spec, status))
     changes = {
-        child.kind + "/" + child.name: ctx.kube.apply(child) for child in render_all(owner, spec)
+        child.kind + "/" + child.name: ctx.kube.apply(child)
+        for child in render_all(owner, spec, sizes)
     }
     written = {k: v for k, v in changes.items() if v != "unchanged"}
     if written:
@@ -114,7 +172,7 @@ def _reconcile(ctx: Context, body: Mapping[str, Any], now: str) -> str:
         cond.WorkloadState.from_object(
             stage,
             ctx.kube.get("apps/v1", "StatefulSet", namespace, stage_name(name, stage)),
-            spec.stages[stage].replicas,
+            sizes[stage],
         )
         for stage in STAGES
     ]
@@ -141,11 +199,33 @@ def _reconcile(ctx: Context, body: Mapping[str, Any], now: str) -> str:
         },
     }
     if _changed(status, new_status):
-        ctx.kube.patch_status(namespace, name, new_status)
+        ctx.write_status(namespace, name, uid, status, new_status)
         was_invalid = cond.get_condition(old_conditions, cond.INVALID_SPEC)
         if was_invalid is not None and was_invalid.get("status") == "True":
             ctx.kube.event(body, "Normal", "SpecValid", "spec is valid again")
     return "ok"
+
+
+def merge_patch(old: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 JSON merge patch, as the API server applies it (objects merge, lists replace)."""
+    out = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping):
+            base = out.get(key)
+            out[key] = merge_patch(base if isinstance(base, Mapping) else {}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def autoscaled_replicas(spec: PipelineSpec, status: Mapping[str, Any]) -> dict[str, int] | None:
+    """The sizes the autoscaler set, when it is Active (else the spec's sizes apply)."""
+    if spec.autoscaling.mode != "Active":
+        return None
+    saved = (status.get("autoscaling") or {}).get("replicas") or {}
+    return {s: int(v) for s, v in saved.items() if s in STAGES and isinstance(v, int)} or None
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -176,8 +256,14 @@ def _context(memo: Any) -> Context:
 def build_registry(
     timer_interval: float = DEFAULT_TIMER_INTERVAL_S,
     registry: kopf.OperatorRegistry | None = None,
+    autoscale_tick: float = DEFAULT_AUTOSCALE_TICK_S,
+    prometheus_url: str | None = None,
 ) -> kopf.OperatorRegistry:
-    """Register the handlers on a fresh registry (tests use several operators per process)."""
+    """Register the handlers on a fresh registry (tests use several operators per process).
+
+    The autoscale timer ticks every `autoscale_tick` seconds; each pipeline's
+    own spec.autoscaling.intervalSeconds decides which ticks do a round.
+    """
     reg = registry if registry is not None else kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
 
@@ -194,7 +280,11 @@ def build_registry(
         if getattr(memo, "context", None) is None:
             from disagfusion.operator.metrics import default_metrics
 
-            memo.context = Context(kube=Kube.from_environment(), metrics=default_metrics())
+            memo.context = Context(
+                kube=Kube.from_environment(),
+                metrics=default_metrics(),
+                prometheus_url=prometheus_url,
+            )
 
     def on_change(body: kopf.Body, memo: Any, **_: Any) -> None:
         reconcile(_context(memo), body)
@@ -208,10 +298,23 @@ def build_registry(
     def drift(body: kopf.Body, memo: Any, **_: Any) -> None:
         reconcile(_context(memo), body)
 
+    @kopf.timer(*resource, registry=reg, interval=autoscale_tick, id="autoscale")
+    def autoscale_timer(body: kopf.Body, memo: Any, **_: Any) -> None:
+        ctx = _context(memo)
+        try:
+            autoscale(ctx, body)
+        except KubeError as err:  # the next tick tries again
+            ctx.metrics.scaling.rounds.labels(result="error").inc()
+            log.warning("%s: autoscale round failed: %s", body.get("metadata", {}).get("name"), err)
+
     @kopf.on.event(*resource, registry=reg, id="cleanup")
     def on_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
         if event.get("type") == "DELETED":
-            removed = cleanup(_context(memo), event["object"])
+            ctx = _context(memo)
+            meta = event["object"].get("metadata") or {}
+            ctx.forget(str(meta.get("uid") or ""))
+            ctx.metrics.scaling.forget(str(meta.get("namespace") or "default"), str(meta["name"]))
+            removed = cleanup(ctx, event["object"])
             if removed:
                 log.info("deleted children of a deleted pipeline: %s", ", ".join(removed))
 

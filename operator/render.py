@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -248,7 +249,10 @@ def _resources(resources: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_stage(owner: Owner, spec: PipelineSpec, stage: StageSpec) -> list[Child]:
+def render_stage(
+    owner: Owner, spec: PipelineSpec, stage: StageSpec, replicas: int | None = None
+) -> list[Child]:
+    """A stage's StatefulSet and headless Service; `replicas` overrides the spec's size."""
     name = stage_name(owner.name, stage.name)
     volumes, mounts = _model_volumes(spec)
     container: dict[str, Any] = {
@@ -286,7 +290,7 @@ def render_stage(owner: Owner, spec: PipelineSpec, stage: StageSpec) -> list[Chi
         {
             "spec": {
                 "serviceName": name,
-                "replicas": stage.replicas,
+                "replicas": stage.replicas if replicas is None else replicas,
                 "podManagementPolicy": "Parallel",
                 "selector": {"matchLabels": selector_labels(owner.name, stage.name)},
                 "template": {
@@ -429,7 +433,9 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     return [deploy, svc]
 
 
-def render_topology(owner: Owner, spec: PipelineSpec) -> Child:
+def render_topology(
+    owner: Owner, spec: PipelineSpec, replicas: Mapping[str, int] | None = None
+) -> Child:
     data = {
         TOPOLOGY_FILE: json.dumps(topology(owner.name, owner.namespace, spec), indent=1),
         "pipeline.json": json.dumps(
@@ -438,7 +444,7 @@ def render_topology(owner: Owner, spec: PipelineSpec) -> Child:
                 "model": spec.model.source,
                 "family": spec.model.family,
                 "transport": spec.transport.backend,
-                "stages": {s: spec.stages[s].replicas for s in STAGES},
+                "stages": effective_replicas(spec, replicas),
             },
             sort_keys=True,
         ),
@@ -446,11 +452,32 @@ def render_topology(owner: Owner, spec: PipelineSpec) -> Child:
     return _finish(owner, "topology", "v1", "ConfigMap", topology_name(owner.name), {"data": data})
 
 
-def render_all(owner: Owner, spec: PipelineSpec) -> list[Child]:
-    """Every child of a pipeline, in apply order (topology, stages, gateway)."""
-    children = [render_topology(owner, spec)]
+def effective_replicas(
+    spec: PipelineSpec, replicas: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Per stage: the override (the autoscaler's size) within [min, max], else the spec's."""
+    out = {}
+    for s in STAGES:
+        st = spec.stages[s]
+        wanted = (replicas or {}).get(s)
+        out[s] = (
+            st.replicas if wanted is None else max(st.min_replicas, min(st.max_replicas, wanted))
+        )
+    return out
+
+
+def render_all(
+    owner: Owner, spec: PipelineSpec, replicas: Mapping[str, int] | None = None
+) -> list[Child]:
+    """Every child of a pipeline, in apply order (topology, stages, gateway).
+
+    `replicas` (stage -> size) overrides spec.stages[].replicas: the autoscaler's
+    sizes in Active mode, clamped to each stage's [minReplicas, maxReplicas].
+    """
+    sizes = effective_replicas(spec, replicas)
+    children = [render_topology(owner, spec, sizes)]
     for stage in STAGES:
-        children += render_stage(owner, spec, spec.stages[stage])
+        children += render_stage(owner, spec, spec.stages[stage], sizes[stage])
     return children + render_gateway(owner, spec)
 
 

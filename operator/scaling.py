@@ -50,7 +50,7 @@ class Knobs:
 
     mode: str = "Active"
     interval_s: float = 15.0  # how often the policy runs
-    target_utilization: float = 0.8  # busy share a stage is sized for
+    target_utilization: float = 0.9  # most busy share a stage is sized for (small pools: less)
     slo: str | None = None  # "30s" or "2x"; None: the profile's default
     max_gpus: int | None = None  # GPU budget across all stages; None: the profile's default
     min_replicas: Mapping[str, int] = field(default_factory=dict)  # per stage, default 1

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagfusion.operator.builtin_profiles import builtin_profile
+from disagfusion.operator.profile import Profile, ProfileError, parse_profile, parse_slo
+from disagfusion.operator.scaling import Knobs
+
 STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
 DEFAULT_IMAGE = "ghcr.io/disagfusion/disagfusion:0.1.0"
 FAMILIES = ("auto", "unet", "mmdit")
@@ -78,13 +82,29 @@ class TransportSpec:
 
 
 @dataclass(frozen=True)
+class AutoscalingSpec:
+    """spec.autoscaling; the defaults are the CRD's (and scaling.Knobs')."""
+
+    mode: str = "Disabled"
+    prometheus_url: str | None = None  # None: the operator's --prometheus-url
+    profile_name: str | None = None  # "builtin:NAME" or the inline profile's name
+    profile: Profile | None = None  # None: no profile given, the autoscaler cannot size
+    accelerators: dict[str, str] = field(default_factory=dict)
+    knobs: Knobs = field(default_factory=lambda: Knobs(mode="Disabled"))
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     model: ModelSpec
     image: str
     stages: dict[str, StageSpec]
     transport: TransportSpec
     gateway: GatewaySpec
-    autoscaling_mode: str = "Disabled"
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+
+    @property
+    def autoscaling_mode(self) -> str:
+        return self.autoscaling.mode
 
 
 class _Reader:
@@ -229,6 +249,130 @@ def _gateway(r: _Reader, spec: Mapping[str, Any], image: str) -> GatewaySpec:
     )
 
 
+# spec.autoscaling's number knobs: CRD field -> (Knobs field, minimum, minimum exclusive).
+# Defaults are Knobs' own (the CRD documents the same values; a test keeps them equal).
+_KNOB_NUMBERS: dict[str, tuple[str, float, bool]] = {
+    "intervalSeconds": ("interval_s", 0.0, True),
+    "targetUtilization": ("target_utilization", 0.0, True),
+    "tolerance": ("tolerance", 0.0, False),
+    "scaleUpWindowSeconds": ("scale_up_window_s", 0.0, False),
+    "scaleDownWindowSeconds": ("scale_down_window_s", 0.0, False),
+    "staleAfterSeconds": ("stale_after_s", 0.0, True),
+    "drainSeconds": ("drain_seconds", 0.0, True),
+}
+_KNOB_INTS: dict[str, tuple[str, int]] = {
+    "maxStepUp": ("max_step_up", 1),
+    "maxStepDown": ("max_step_down", 0),
+}
+_KNOB_DEFAULTS = Knobs()
+
+
+def _number(
+    r: _Reader, data: Mapping[str, Any], key: str, path: str, default: float, low: float, gt: bool
+) -> float:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        r.problems.append(f"{path}: must be a number")
+        return default
+    if value < low or (gt and value == low):
+        r.problems.append(f"{path}: must be {'>' if gt else '>='} {low:g}, got {value}")
+        return default
+    return float(value)
+
+
+def _profile(r: _Reader, a: Mapping[str, Any]) -> tuple[str | None, Profile | None]:
+    """spec.autoscaling.profile ("builtin:NAME") or .customProfile (an inline profile)."""
+    name = r.str_(a, "profile", "spec.autoscaling.profile")
+    custom = a.get("customProfile")
+    if name is not None and custom is not None:
+        r.problems.append("spec.autoscaling: set profile or customProfile, not both")
+        return None, None
+    if custom is not None:
+        try:
+            prof = parse_profile(custom, name="custom")
+        except ProfileError as err:
+            r.problems += [f"spec.autoscaling.customProfile.{p}" for p in err.problems]
+            return None, None
+        return prof.name, prof
+    if name is None:
+        return None, None
+    if not name.startswith("builtin:"):
+        r.problems.append(f"spec.autoscaling.profile: use builtin:NAME, got {name!r}")
+        return None, None
+    try:
+        return name, builtin_profile(name.removeprefix("builtin:"))
+    except KeyError as err:
+        r.problems.append(f"spec.autoscaling.profile: {err.args[0]}")
+        return None, None
+
+
+def _autoscaling(
+    r: _Reader, a: Mapping[str, Any], stages: Mapping[str, StageSpec]
+) -> AutoscalingSpec:
+    p = "spec.autoscaling"
+    mode = r.str_(a, "mode", f"{p}.mode", "Disabled", AUTOSCALING_MODES) or "Disabled"
+    url = r.str_(a, "prometheusUrl", f"{p}.prometheusUrl")
+    if url is not None and not url.startswith(("http://", "https://")):
+        r.problems.append(f"{p}.prometheusUrl: must be an http:// or https:// URL")
+        url = None
+    profile_name, profile = _profile(r, a)
+    accelerators = r.str_map(a, "accelerators", f"{p}.accelerators")
+    for stage in sorted(set(accelerators) - set(STAGES)):
+        r.problems.append(f"{p}.accelerators.{stage}: unknown stage (use {', '.join(STAGES)})")
+    if profile is not None:
+        for stage, acc in sorted(accelerators.items()):
+            if stage in STAGES and acc not in profile.options(stage):
+                options = ", ".join(profile.options(stage))
+                r.problems.append(
+                    f"{p}.accelerators.{stage}: {acc!r} is not in the profile (use {options})"
+                )
+    d = _KNOB_DEFAULTS
+    values: dict[str, Any] = {
+        field_: _number(r, a, key, f"{p}.{key}", getattr(d, field_), low, gt)
+        for key, (field_, low, gt) in _KNOB_NUMBERS.items()
+    }
+    values |= {
+        field_: r.int_(a, key, f"{p}.{key}", getattr(d, field_), minimum=low)
+        for key, (field_, low) in _KNOB_INTS.items()
+    }
+    if values["target_utilization"] > 1:
+        r.problems.append(f"{p}.targetUtilization: must be <= 1")
+        values["target_utilization"] = d.target_utilization
+    if values["tolerance"] >= 1:
+        r.problems.append(f"{p}.tolerance: must be < 1")
+        values["tolerance"] = d.tolerance
+    slo = r.str_(a, "slo", f"{p}.slo")
+    if slo is not None:
+        try:
+            parse_slo(slo)
+        except ValueError as err:
+            r.problems.append(f"{p}.slo: {err}")
+            slo = None
+    max_gpus = a.get("maxGpus")
+    if max_gpus is not None:
+        max_gpus = r.int_(a, "maxGpus", f"{p}.maxGpus", 0, minimum=1) or None
+    forecast = None
+    if a.get("forecastSeconds") is not None:
+        forecast = _number(r, a, "forecastSeconds", f"{p}.forecastSeconds", 0.0, 0.0, False)
+    knobs = Knobs(
+        mode=mode,
+        slo=slo,
+        max_gpus=max_gpus,
+        forecast_seconds=forecast,
+        min_replicas={s: st.min_replicas for s, st in stages.items()},
+        max_replicas={s: st.max_replicas for s, st in stages.items()},
+        **values,
+    )
+    return AutoscalingSpec(
+        mode=mode,
+        prometheus_url=url,
+        profile_name=profile_name,
+        profile=profile,
+        accelerators={s: v for s, v in accelerators.items() if s in STAGES},
+        knobs=knobs,
+    )
+
+
 def parse_spec(spec: Mapping[str, Any] | None) -> PipelineSpec:
     """Default and validate a DiffusionPipeline spec; raise SpecError naming every problem."""
     r = _Reader()
@@ -248,8 +392,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> PipelineSpec:
         options=r.str_map(t, "options", "spec.transport.options"),
     )
     gateway = _gateway(r, spec, image)
-    a = r.obj(spec, "autoscaling", "spec.autoscaling")
-    mode = r.str_(a, "mode", "spec.autoscaling.mode", "Disabled", AUTOSCALING_MODES)
+    autoscaling = _autoscaling(r, r.obj(spec, "autoscaling", "spec.autoscaling"), stages)
     if r.problems:
         raise SpecError(r.problems)
     return PipelineSpec(
@@ -258,7 +401,7 @@ def parse_spec(spec: Mapping[str, Any] | None) -> PipelineSpec:
         stages=stages,
         transport=transport,
         gateway=gateway,
-        autoscaling_mode=mode or "Disabled",
+        autoscaling=autoscaling,
     )
 
 

@@ -19,6 +19,13 @@ POLICY_MODULES = [
     "operator/spec.py",
     "operator/render.py",
     "operator/conditions.py",
+    "operator/traces.py",
+    "operator/simulate.py",
+    "operator/baselines.py",
+    "operator/planner.py",
+    "operator/profile.py",
+    "operator/builtin_profiles.py",
+    "operator/observe.py",
 ]
 FORBIDDEN = {
     "aiohttp",

@@ -78,3 +78,36 @@ def test_operator_rejects_exactly_what_the_cel_rules_reject(obj: dict[str, Any])
         if "denoiser" in p
     ]
     assert bool(cel_failures) == bool(problems), (obj, cel_failures, problems)
+
+
+def autoscaling_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return dict(spec["properties"]["autoscaling"])
+
+
+PROFILE = {
+    "accelerators": [{"name": "A"}],
+    "stages": {s: {"A": {"a": 1.0}} for s in STAGES},
+}
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {},
+        {"mode": "Active"},
+        {"profile": "builtin:qwen-image-h100"},
+        {"customProfile": PROFILE},
+        {"profile": "builtin:qwen-image-h100", "customProfile": PROFILE},
+    ],
+    ids=str,
+)
+def test_autoscaling_profile_rule_agrees(obj: dict[str, Any]) -> None:
+    cel_failures = cel_verdict(autoscaling_schema(), obj)
+    problems = [
+        p
+        for p in validate_spec({"model": {"source": "builtin:tiny-unet"}, "autoscaling": obj})
+        if p.startswith("spec.autoscaling")
+    ]
+    assert bool(cel_failures) == bool(problems), (obj, cel_failures, problems)

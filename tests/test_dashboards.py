@@ -370,6 +370,27 @@ def test_operator_dashboard_covers_reconciles() -> None:
     assert "disagfusion_operator_reconcile_duration_seconds_bucket" in exprs
 
 
+def test_operator_dashboard_covers_autoscaling() -> None:
+    exprs = "\n".join(t["expr"] for _, t in targets(load(DASHBOARDS / "disagfusion-operator.json")))
+    for metric in (
+        "disagfusion_operator_desired_replicas",
+        "disagfusion_operator_current_replicas",
+        "disagfusion_operator_predicted_service_time_seconds",
+        "disagfusion_operator_observed_service_time_seconds",
+        "disagfusion_operator_scaling_decisions_total",
+        "disagfusion_operator_metrics_available",
+    ):
+        assert metric in exprs, metric
+    assert "by (pipeline, stage, direction, reason, applied)" in exprs
+
+
+def test_operator_metrics_do_not_clash_with_target_labels() -> None:
+    """Prometheus would rename an exported `namespace` to `exported_namespace`."""
+    for registry in operator_registries():
+        for name, labels in registry_metrics(registry).items():
+            assert not labels & TARGET_LABELS, (name, labels & TARGET_LABELS)
+
+
 def query_problems(queries: list[tuple[str, str, str]], exported: dict[str, set[str]]) -> list[str]:
     """What is wrong with (title, PromQL, legend) triples, given the exported metrics."""
     problems: list[str] = []

@@ -74,9 +74,9 @@ ONES = {"encoder": 1, "denoiser": 1, "decoder": 1}
 def test_balance_follows_each_stages_work() -> None:
     (d,) = run([snap(0, ONES, rate=2.0)])
     r = d.replicas()
-    # 2 req/s x 25.3 s = 50.6 busy denoisers at most 80 % busy; light stages need 1-2.
-    assert r["denoiser"] == servers_for(2.0, 25.3, 1e9, 0.8) or r["denoiser"] > 63
-    assert 64 <= r["denoiser"] <= 70
+    # 2 req/s x 25.3 s = 50.6 busy denoisers, at most 90 % busy; light stages need 1-2.
+    assert r["denoiser"] >= servers_for(2.0, 25.3, 1e9, 0.9) == 57
+    assert r["denoiser"] <= 60
     assert 1 <= r["encoder"] <= 3 and 1 <= r["decoder"] <= 3
     assert d.stages["denoiser"].predicted == r["denoiser"]
     assert "req/s" in d.stages["denoiser"].reason and d.metrics_ok
@@ -87,8 +87,9 @@ def test_step_counts_in_the_mix_move_the_ratio() -> None:
     heavy = ((RequestShape(1328, 1328, 1, 50), 1.0),)
     (a,) = run([snap(0, ONES, rate=2.0, mix=light)])
     (b,) = run([snap(0, ONES, rate=2.0, mix=heavy)])
-    assert b.replicas()["denoiser"] > 8 * a.replicas()["denoiser"] / 2
-    assert a.replicas()["encoder"] == b.replicas()["encoder"]
+    # 12.5x the denoising work: far more denoisers, about the same encoders.
+    assert b.replicas()["denoiser"] >= 4 * a.replicas()["denoiser"]
+    assert b.replicas()["encoder"] <= a.replicas()["encoder"] + 1
 
 
 def test_observed_slowness_corrects_the_model() -> None:
@@ -138,7 +139,7 @@ def test_scale_down_waits_for_the_window_then_goes() -> None:
     knobs = replace(FAST, scale_down_window_s=300.0)
     big = {"encoder": 2, "denoiser": 66, "decoder": 2}
     # Load drops at t=0 from what needed 66 denoisers to a third of it.
-    ds = run([snap(0, big, rate=2.1)] + [snap(t, big, rate=0.6) for t in range(15, 400, 15)], knobs)
+    ds = run([snap(0, big, rate=2.4)] + [snap(t, big, rate=0.6) for t in range(15, 400, 15)], knobs)
     during = [d for d, t in zip(ds, range(0, 400, 15), strict=False) if t < 300]
     assert all(d.replicas()["denoiser"] == 66 for d in during)
     assert "window" in during[-1].stages["denoiser"].reason
@@ -146,9 +147,9 @@ def test_scale_down_waits_for_the_window_then_goes() -> None:
 
 
 def test_tolerance_ignores_small_changes() -> None:
-    sizes = {"encoder": 2, "denoiser": 66, "decoder": 2}
-    (d,) = run([snap(0, sizes, rate=1.95)])  # wants ~64: within 10 % of 66
-    assert d.replicas()["denoiser"] == 66
+    sizes = {"encoder": 2, "denoiser": 60, "decoder": 2}
+    (d,) = run([snap(0, sizes, rate=2.0)])  # wants 57: within 10 % of 60
+    assert d.replicas()["denoiser"] == 60
     assert "tolerance" in d.stages["denoiser"].reason
 
 

@@ -18,6 +18,7 @@ from disagfusion.operator.render import (
     HTTP_PORT,
     Child,
     Owner,
+    effective_replicas,
     render_all,
     topology,
 )
@@ -75,6 +76,27 @@ def test_replicas_alone_widen_max() -> None:
         (spec(stages={"vae": {}}), "spec.stages.vae"),
         (spec(transport={"backend": "carrier-pigeon"}), "spec.transport.backend"),
         (spec(autoscaling={"mode": "Sometimes"}), "spec.autoscaling.mode"),
+        (spec(autoscaling={"profile": "builtin:nope"}), "spec.autoscaling.profile"),
+        (spec(autoscaling={"profile": "qwen"}), "spec.autoscaling.profile"),
+        (spec(autoscaling={"customProfile": {"stages": {}}}), "spec.autoscaling.customProfile"),
+        (spec(autoscaling={"targetUtilization": 1.5}), "spec.autoscaling.targetUtilization"),
+        (spec(autoscaling={"intervalSeconds": 0}), "spec.autoscaling.intervalSeconds"),
+        (spec(autoscaling={"slo": "fast"}), "spec.autoscaling.slo"),
+        (spec(autoscaling={"maxStepUp": 0}), "spec.autoscaling.maxStepUp"),
+        (spec(autoscaling={"prometheusUrl": "prom:9090"}), "spec.autoscaling.prometheusUrl"),
+        (
+            spec(autoscaling={"profile": "builtin:qwen-image-h100", "accelerators": {"vae": "x"}}),
+            "spec.autoscaling.accelerators.vae",
+        ),
+        (
+            spec(
+                autoscaling={
+                    "profile": "builtin:qwen-image-h100",
+                    "accelerators": {"decoder": "TPU"},
+                }
+            ),
+            "spec.autoscaling.accelerators.decoder",
+        ),
         (spec(model={"source": "x", "family": "gan"}), "spec.model.family"),
         (spec(gateway={"port": 70000}), "spec.gateway.port"),
         (spec(gateway={"apiKeySecretRef": {"key": "k"}}), "spec.gateway.apiKeySecretRef.name"),
@@ -85,6 +107,97 @@ def test_invalid_specs_name_the_field(raw: dict[str, Any], field: str) -> None:
     assert any(p.startswith(field) for p in problems), problems
     with pytest.raises(SpecError):
         parse_spec(raw)
+
+
+def test_autoscaling_knobs() -> None:
+    auto = parse_spec(
+        spec(
+            stages={"denoiser": {"replicas": 2, "minReplicas": 1, "maxReplicas": 6}},
+            autoscaling={
+                "mode": "Active",
+                "profile": "builtin:qwen-image-h100",
+                "accelerators": {"denoiser": "H100"},
+                "prometheusUrl": "http://prom:9090",
+                "slo": "2x",
+                "maxGpus": 12,
+                "scaleDownWindowSeconds": 30,
+                "maxStepDown": 2,
+            },
+        )
+    ).autoscaling
+    assert auto.mode == "Active" and auto.prometheus_url == "http://prom:9090"
+    assert auto.profile is not None and auto.profile.name == "qwen-image-h100"
+    assert auto.accelerators == {"denoiser": "H100"}
+    k = auto.knobs
+    assert (k.mode, k.slo, k.max_gpus, k.scale_down_window_s, k.max_step_down) == (
+        "Active",
+        "2x",
+        12,
+        30.0,
+        2,
+    )
+    assert k.min_for("denoiser") == 1 and k.max_for("denoiser", 99) == 6
+    assert k.max_for("encoder", 99) == 1
+    # An inline profile is parsed with profile.parse_profile.
+    from disagfusion.operator.builtin_profiles import BUILTIN_PROFILES
+
+    custom = dict(BUILTIN_PROFILES["qwen-image-h100"])
+    inline = parse_spec(spec(autoscaling={"customProfile": {"name": "mine", **custom}}))
+    assert inline.autoscaling.profile is not None
+    assert inline.autoscaling.profile.name == inline.autoscaling.profile_name == "mine"
+
+
+def test_autoscaling_defaults_match_the_crd_and_knobs() -> None:
+    from disagfusion.operator.scaling import Knobs
+
+    _, version = crd_schema()
+    props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    auto = props["autoscaling"]["properties"]
+    parsed = parse_spec(spec()).autoscaling
+    assert parsed.mode == auto["mode"]["default"] == "Disabled" and parsed.profile is None
+    fields = {
+        "intervalSeconds": "interval_s",
+        "targetUtilization": "target_utilization",
+        "tolerance": "tolerance",
+        "scaleUpWindowSeconds": "scale_up_window_s",
+        "scaleDownWindowSeconds": "scale_down_window_s",
+        "maxStepUp": "max_step_up",
+        "maxStepDown": "max_step_down",
+        "staleAfterSeconds": "stale_after_s",
+        "drainSeconds": "drain_seconds",
+    }
+    for key, attr in fields.items():
+        assert auto[key]["default"] == getattr(parsed.knobs, attr) == getattr(Knobs(), attr), key
+    for key, prop in auto.items():
+        assert prop.get("description"), f"spec.autoscaling.{key} has no description"
+    # Knobs without a default fall back to the profile's (documented in the description).
+    for key in ("slo", "maxGpus", "forecastSeconds", "profile", "prometheusUrl"):
+        assert "default" not in auto[key] and "default" in auto[key]["description"], key
+
+
+def test_effective_replicas_override_spec_within_bounds() -> None:
+    s = parse_spec(spec(stages={"denoiser": {"replicas": 2, "minReplicas": 1, "maxReplicas": 5}}))
+    assert effective_replicas(s) == {"encoder": 1, "denoiser": 2, "decoder": 1}
+    assert effective_replicas(s, {"denoiser": 4})["denoiser"] == 4
+    assert effective_replicas(s, {"denoiser": 9, "encoder": 0}) == {
+        "encoder": 1,
+        "denoiser": 5,
+        "decoder": 1,
+    }
+    children = by_name(render_all(OWNER, s, {"denoiser": 4}))
+    assert children["StatefulSet/sd-denoiser"]["spec"]["replicas"] == 4
+    assert children["StatefulSet/sd-encoder"]["spec"]["replicas"] == 1
+    assert (
+        json.loads(children["ConfigMap/sd-topology"]["data"]["pipeline.json"])["stages"]["denoiser"]
+        == 4
+    )
+    plain = by_name(render_all(OWNER, s))
+    assert plain["StatefulSet/sd-denoiser"]["spec"]["replicas"] == 2
+    # The size is an input of the hash, so a scale is a write and drift back is repaired.
+    assert (
+        children["StatefulSet/sd-denoiser"]["metadata"]["annotations"][HASH_ANNOTATION]
+        != plain["StatefulSet/sd-denoiser"]["metadata"]["annotations"][HASH_ANNOTATION]
+    )
 
 
 # rendering
@@ -372,7 +485,6 @@ def test_crd_schema_is_structural_and_matches_the_parser() -> None:
     assert model["required"] == ["source"]
     assert model["properties"]["family"]["enum"] == ["auto", "unet", "mmdit"]
     assert spec_schema["properties"]["transport"]["properties"]["backend"]["default"] == "grpc"
-    assert spec_schema["properties"]["autoscaling"]["x-kubernetes-preserve-unknown-fields"]
     # The CRD's defaults are the parser's defaults.
     defaults = parse_spec(spec())
     gw = spec_schema["properties"]["gateway"]["properties"]
@@ -401,6 +513,49 @@ def test_operator_command_line() -> None:
         build_parser().parse_args(["operator", "--namespace", "a", "--all-namespaces"])
 
 
+def test_operator_prometheus_url_option() -> None:
+    args = build_parser().parse_args(["operator", "--prometheus-url", "http://prom:9090"])
+    assert args.prometheus_url == "http://prom:9090"
+    assert build_parser().parse_args(["operator"]).prometheus_url is None
+
+
+def test_scaling_conditions() -> None:
+    active, limited, metrics = cond.scaling_checks("Active", "builtin:x", True, "", {})
+    assert (active.status, active.reason) == (True, "Scaling")
+    assert (limited.status, metrics.status) == (False, True)
+    active, limited, metrics = cond.scaling_checks(
+        "Active", "builtin:x", False, "Prometheus query failed: refused", {}
+    )
+    assert (active.status, active.reason) == (False, "HoldingSizes")
+    assert metrics.status is False and "refused" in metrics.message
+    active, limited, _ = cond.scaling_checks(
+        "Advisory", "builtin:x", True, "", {"denoiser": "max", "encoder": "budget"}
+    )
+    assert (active.status, active.reason) == (False, "Advisory")
+    assert (limited.status, limited.reason) == (True, "BudgetReached")
+    assert "denoiser by max" in limited.message
+    _, limited, _ = cond.scaling_checks("Active", "builtin:x", True, "", {"decoder": "max"})
+    assert limited.reason == "MaxReplicasReached"
+    assert cond.scaling_checks("Active", None, True, "", {})[0].reason == "NoProfile"
+
+    checks = cond.scaling_checks("Active", "builtin:x", True, "", {})
+    ready = cond.set_condition([], cond.READY, True, "AllReplicasReady", "ok", NOW)
+    out = cond.apply_scaling(ready, checks, NOW, 3)
+    assert [c["type"] for c in out] == ["Ready", *cond.SCALING_CONDITIONS]
+    again = cond.apply_scaling(out, checks, LATER, 4)
+    assert all(c["lastTransitionTime"] == NOW for c in again)
+    assert [c["type"] for c in cond.without_scaling(again)] == ["Ready"]
+
+
+def test_status_merge_patch_is_rfc7386() -> None:
+    from disagfusion.operator.handlers import merge_patch
+
+    old = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
+    assert merge_patch(old, {"a": {"c": [3], "e": None}, "d": None}) == {"a": {"b": 1, "c": [3]}}
+    assert merge_patch({"a": 1}, {"a": {"x": None, "y": 2}}) == {"a": {"y": 2}}
+    assert old == {"a": {"b": 1, "c": [1, 2]}, "d": 1}  # not modified in place
+
+
 def test_operator_metric_names() -> None:
     from prometheus_client import generate_latest
 
@@ -414,3 +569,15 @@ def test_operator_metric_names() -> None:
     assert 'disagfusion_operator_reconcile_total{result="ok"} 1.0' in text
     assert 'disagfusion_operator_reconcile_errors_total{reason="api_error"} 1.0' in text
     assert "disagfusion_operator_reconcile_duration_seconds_bucket" in text
+    metrics.scaling.desired.labels("ml", "sd", "denoiser").set(3)
+    metrics.scaling.decisions.labels("ml", "sd", "denoiser", "up", "load", "true").inc()
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'disagfusion_operator_desired_replicas{pipeline="sd",pipeline_namespace="ml",'
+        'stage="denoiser"} 3.0'
+    ) in text
+    assert "disagfusion_operator_scaling_decisions_total{" in text
+    metrics.scaling.forget("ml", "sd")
+    assert (
+        "disagfusion_operator_desired_replicas{" not in generate_latest(metrics.registry).decode()
+    )

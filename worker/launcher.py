@@ -2,6 +2,11 @@
 
 Every process is a child of the launcher, started with a parent-death signal
 so none outlives it, and stopped with SIGTERM (drain) then SIGKILL.
+
+With `max_workers`, every stage gets ports for as many instances as the budget
+allows up front, so each `--next` list and the gateway's topology already name
+every possible instance (as a StatefulSet's DNS names do): absent ones are
+simply skipped by the health polls, and instances come and go at runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,11 +89,21 @@ class LocalOptions:
     pipeline: str = "local"
     log_dir: Path | None = None  # None: children write to this terminal
     extra_worker_args: list[str] = field(default_factory=list)
+    max_workers: int = 0  # > 0: elastic, at most this many stage workers running at once
+    drain_timeout_s: float = 130.0  # a removed worker is killed if still draining after this
 
     def counts(self) -> dict[str, int]:
         if self.monolithic:
             return {"monolithic": self.monolithic}
         return {"encoder": self.encoders, "denoiser": self.denoisers, "decoder": self.decoders}
+
+    def slots(self) -> dict[str, int]:
+        """Instances each role may reach: the budget less one for every other role."""
+        counts = self.counts()
+        if not self.max_workers:
+            return counts
+        spare = self.max_workers - (len(counts) - 1)
+        return {role: max(n, spare) for role, n in counts.items()}
 
 
 class LocalCluster:
@@ -98,8 +114,16 @@ class LocalCluster:
         for role, count in opts.counts().items():
             if count < 1:
                 raise ValueError(f"need at least one {role} process, got {count}")
+        if opts.max_workers and sum(opts.counts().values()) > opts.max_workers:
+            raise ValueError(
+                f"{sum(opts.counts().values())} workers to start exceed max_workers"
+                f" {opts.max_workers}"
+            )
         self.gateway: Child | None = None
-        self.workers: dict[str, list[Child]] = {}
+        self.workers: dict[str, list[Child]] = {}  # running (starting or ready), per role
+        self.spare: dict[str, list[Child]] = {}  # planned slots with no process
+        self.draining: list[Child] = []  # removed, SIGTERMed, not yet exited
+        self._lock = threading.Lock()  # workers/spare/draining change from reaper threads
 
     @property
     def url(self) -> str:
@@ -128,7 +152,8 @@ class LocalCluster:
         cores than with 1)."""
         if self.opts.threads:
             return self.opts.threads
-        return max(1, (os.cpu_count() or 1) // sum(self.opts.counts().values()))
+        most = self.opts.max_workers or sum(self.opts.counts().values())
+        return max(1, (os.cpu_count() or 1) // most)
 
     def plan(self) -> None:
         """Assign ports and command lines, downstream stages first."""
@@ -138,7 +163,7 @@ class LocalCluster:
         next_addrs: list[str] = []
         for role in reversed(roles):
             kids = []
-            for i in range(o.counts()[role]):
+            for i in range(o.slots()[role]):
                 grpc_port, http_port = free_port(), free_port()
                 argv = [
                     *python,
@@ -160,10 +185,13 @@ class LocalCluster:
                     argv.append("--no-overlap")
                 argv += ["--threads", str(self.threads_per_worker())]
                 kids.append(Child(f"{role}-{i}", role, grpc_port, http_port, argv))
-            self.workers[role] = kids
+            self.workers[role] = kids[: o.counts()[role]]
+            self.spare[role] = kids[o.counts()[role] :]
             next_addrs = [k.address for k in kids]
         self.workers = {role: self.workers[role] for role in roles}
-        topology = {role: [k.address for k in kids] for role, kids in self.workers.items()}
+        topology = {
+            role: [k.address for k in self.workers[role] + self.spare[role]] for role in roles
+        }
         grpc_port = free_port()
         self.gateway = Child(
             "gateway",
@@ -214,6 +242,46 @@ class LocalCluster:
         if out:
             out.close()
 
+    def add_worker(self, role: str) -> Child:
+        """Start one more instance of `role` in a free slot; RuntimeError when none is left."""
+        with self._lock:
+            spare = self.spare.get(role, [])
+            for child in spare:
+                if port_is_free(child.grpc_port) and port_is_free(child.http_port):
+                    spare.remove(child)
+                    self._spawn(child)
+                    self.workers[role].append(child)
+                    return child
+        raise RuntimeError(f"no free slot for another {role} (all {self.opts.slots()[role]} used)")
+
+    def remove_worker(self, role: str) -> Child:
+        """SIGTERM the newest instance of `role` (it drains, then exits) without waiting.
+
+        A background thread reaps it and frees its slot; the last instance of a
+        role is never removed."""
+        with self._lock:
+            running = self.workers.get(role, [])
+            if len(running) <= 1:
+                raise ValueError(f"refusing to remove the last {role}")
+            child = running.pop()
+            self.draining.append(child)
+        if child.proc is not None and child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        threading.Thread(target=self._reap, args=(child,), daemon=True).start()
+        return child
+
+    def _reap(self, child: Child) -> None:
+        if child.proc is not None:
+            try:
+                child.proc.wait(self.opts.drain_timeout_s)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        with self._lock:
+            if child in self.draining:
+                self.draining.remove(child)
+                self.spare[child.role].insert(0, child)
+
     def restart(self, child: Child) -> None:
         """Start a stopped or killed child again on the same ports."""
         if child.proc is not None and child.proc.poll() is None:
@@ -248,9 +316,12 @@ class LocalCluster:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM everyone (the gateway first so it stops admitting), then SIGKILL."""
-        ordered = ([self.gateway] if self.gateway else []) + [
-            c for role in self.workers.values() for c in role
-        ]
+        with self._lock:
+            ordered = (
+                ([self.gateway] if self.gateway else [])
+                + [c for role in self.workers.values() for c in role]
+                + list(self.draining)
+            )
         for child in ordered:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
