@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from disagfusion.operator.capacity import servers_for
-from disagfusion.operator.planner import allocate
-from disagfusion.operator.profile import STAGES, Profile, RequestShape, parse_slo
+from disagfusion.operator.planner import allocate, slo_slack, split_wait
+from disagfusion.operator.profile import STAGES, Profile, RequestShape
 from disagfusion.operator.scaling import (
     Decision,
     Knobs,
@@ -55,7 +55,6 @@ SHORT_TREND_S = 180.0
 RISE_Z = 3.0  # standard errors a rise must clear to count as a ramp
 JUMP_Z = 2.0  # Poisson standard deviations a new rate must clear to count as a jump
 RAMP_HEADROOM = 0.9  # utilization cap multiplier while a ramp is forecast
-LIGHT_STAGE_WAIT_SHARE = 0.25  # most of the wait budget a light stage may take
 RATE_WINDOW_S = 60.0  # the window the arrival rate is measured over (rate()[1m])
 Mix = tuple[tuple[RequestShape, float], ...]
 
@@ -254,25 +253,15 @@ def _next_wait_scale(previous: float, attainment: float | None) -> float:
 
 def _slo_slack(profile: Profile, knobs: Knobs, mix: Mix, accs: Mapping[str, str]) -> float:
     """Seconds a typical request may spend queueing in all and still meet the SLO."""
-    kind, value = parse_slo(knobs.slo or profile.default_slo or DEFAULT_SLO)
-    unloaded = sum(w * profile.unloaded_latency(shape, accs) for shape, w in mix)
-    slack = unloaded * (value - 1) if kind == "slowdown" else value - unloaded
+    slack, unloaded = slo_slack(profile, accs, mix, knobs.slo or profile.default_slo or DEFAULT_SLO)
     return max(slack, 0.05 * unloaded)
 
 
 def _wait_budgets(
     profile: Profile, mix: Mix, accs: Mapping[str, str], total_wait: float
 ) -> dict[str, float]:
-    """The mean queueing wait each stage may add: `total_wait` split by service time.
-
-    A light stage may still wait about its own service time (when the SLO has
-    room for it): a split by time alone would give a 0.3 s encoder 0.1 s and
-    keep a second, idle encoder to protect it.
-    """
-    times = {s: mean_service_time(profile, s, accs[s], mix) for s in STAGES}
-    total = sum(times.values()) or 1.0
-    floor_cap = LIGHT_STAGE_WAIT_SHARE * total_wait
-    return {s: max(total_wait * times[s] / total, min(times[s], floor_cap)) for s in STAGES}
+    """The mean queueing wait each stage may add (the planner's split of `total_wait`)."""
+    return split_wait({s: mean_service_time(profile, s, accs[s], mix) for s in STAGES}, total_wait)
 
 
 def _need(

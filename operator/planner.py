@@ -24,6 +24,7 @@ Mix = tuple[tuple[RequestShape, float], ...]
 # Share of the SLO's slack (SLO minus unloaded latency) that queueing may use: the
 # rest absorbs bursts, hand-off jitter and the model's own error.
 WAIT_SHARE_OF_SLACK = 0.1
+LIGHT_STAGE_WAIT_SHARE = 0.25  # most of a wait budget a light stage may take
 _REL_TIE = 1e-9  # throughputs this close count as equal (then the cheaper plan wins)
 
 
@@ -239,27 +240,47 @@ def _better(a: Plan, b: Plan) -> bool:
     return _cheaper(a, b)
 
 
+def slo_slack(
+    profile: Profile, assignment: Mapping[str, str], mix: Mix, slo: str
+) -> tuple[float, float]:
+    """(slack, unloaded latency): seconds a mean request may queue in all under the SLO."""
+    kind, value = parse_slo(slo)
+    total_w = sum(w for _, w in mix) or 1.0
+    unloaded = sum(w * profile.unloaded_latency(shape, assignment) for shape, w in mix) / total_w
+    slack = unloaded * (value - 1) if kind == "slowdown" else value - unloaded
+    return slack, unloaded
+
+
+def split_wait(times: Mapping[str, float], total_wait: float) -> dict[str, float]:
+    """A queueing-wait budget split over stages by their share of the service time.
+
+    A light stage may still wait about its own service time (up to a quarter of
+    the budget): a split by time alone would give a 0.3 s encoder 0.1 s, and an
+    idle second encoder would be kept to protect it.
+    """
+    busy = sum(times.values())
+    cap = LIGHT_STAGE_WAIT_SHARE * total_wait
+    return {
+        s: max(total_wait * (t / busy if busy > 0 else 1 / len(times)), min(t, cap))
+        for s, t in times.items()
+    }
+
+
 def stage_wait_budgets(
     profile: Profile, assignment: Mapping[str, str], mix: Mix, slo: str | None
 ) -> dict[str, float]:
     """Mean queueing delay each stage may add: WAIT_SHARE_OF_SLACK of the SLO's slack,
-    split over stages by their share of the service time. No SLO: no wait limit."""
+    split over the stages (`split_wait`). No SLO: no wait limit."""
     text = slo or profile.default_slo
     if text is None:
         return {s: math.inf for s in STAGES}
-    kind, value = parse_slo(text)
-    total_w = sum(w for _, w in mix)
-    unloaded = sum(w * profile.unloaded_latency(shape, assignment) for shape, w in mix) / total_w
-    slack = unloaded * (value - 1) if kind == "slowdown" else value - unloaded
+    slack, unloaded = slo_slack(profile, assignment, mix, text)
     if slack <= 0:
         raise ValueError(
             f"SLO {text} leaves no room for queueing: an idle pipeline already takes "
             f"{unloaded:.3g} s per request"
         )
-    times = mean_service_times(profile, assignment, mix)
-    busy = sum(times.values())
-    share = {s: (t / busy if busy > 0 else 1 / len(STAGES)) for s, t in times.items()}
-    return {s: WAIT_SHARE_OF_SLACK * slack * share[s] for s in STAGES}
+    return split_wait(mean_service_times(profile, assignment, mix), WAIT_SHARE_OF_SLACK * slack)
 
 
 def plan_for_rate(

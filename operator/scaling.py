@@ -62,7 +62,7 @@ class Knobs:
     max_step_down: int = 0  # pods removed per stage per decision; 0: no limit
     stale_after_s: float = 120.0  # older metrics hold the current size
     drain_seconds: float = 60.0  # size to clear a backlog within this time
-    forecast_seconds: float | None = None  # look-ahead; None: the profile's startup time
+    forecast_seconds: float | None = None  # look-ahead; None: start-up + interval - SLO slack
 
     def min_for(self, stage: str) -> int:
         return self.min_replicas.get(stage, 1)

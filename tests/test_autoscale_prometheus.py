@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
 import threading
 import time
@@ -37,7 +38,7 @@ from tests.test_operator_kmock import NS, STS, Cluster, cluster, eventually, pip
 
 __all__ = ["cluster"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-PROMETHEUS = "/usr/bin/prometheus"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SCALE_WAIT_S = 150.0  # model start-up and a loaded 2-core machine; polls end as soon as met
 
 # A CPU profile in the scale of tiny-unet at 64x64: only the order of magnitude matters,
