@@ -34,7 +34,7 @@ def run(profile_name: str, trace: str, policies: list[str], seed: int) -> dict[s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("profile", list(BUILTIN_PROFILES))
 @pytest.mark.parametrize("trace", list(BUILTIN_TRACES))
 def test_hybrid_meets_the_slo_near_the_oracles_cost(trace: str, profile: str, seed: int) -> None:
