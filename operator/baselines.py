@@ -15,8 +15,8 @@ how often it runs:
   (queued per ready instance, then utilization); removes one from a stage
   under 20 % utilization with an empty queue; 30 s cooldown per stage.
 - `hpa`: a Kubernetes HPA v2 per stage on utilization (busy / ready) with a
-  target of 0.7 (our pick: below the hybrid's 0.8, since HPA has no queue
-  signal and needs headroom to see a backlog coming). Default behaviour:
+  target of 0.7 (our pick: below the hybrid's 0.9 cap, since HPA has no
+  queue signal and needs headroom to see a backlog coming). Default behaviour:
   desired = ceil(current * util / target) (starting pods count as idle, as
   HPA counts unready pods for a scale-up), tolerance 0.1, scale-down to the
   highest recommendation of the last 300 s, scale-up by at most
