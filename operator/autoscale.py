@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from disagfusion.operator import conditions as cond
 from disagfusion.operator.observe import build_snapshot, queries
+from disagfusion.operator.planner import mean_service_times
 from disagfusion.operator.profile import Profile
 from disagfusion.operator.prometheus import Prometheus, PrometheusError
 from disagfusion.operator.render import Owner, effective_replicas, render_all, stage_name
@@ -33,7 +34,6 @@ from disagfusion.operator.scaling import (
     Policy,
     Snapshot,
     accelerators_of,
-    mean_service_time,
     mix_or_default,
 )
 from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
@@ -295,16 +295,20 @@ def _report(
         ).inc()
         verb = "Scaled" if entry["applied"] else "ScaleAdvised"
         ctx.kube.event(body, "Normal", verb, f"{stage} {frm} -> {to} replicas: {entry['reason']}")
-    accs = accelerators_of(snapshot, profile) if profile is not None else {}
-    mix = mix_or_default(snapshot, profile) if profile is not None else ()
+    times = (
+        mean_service_times(
+            profile, accelerators_of(snapshot, profile), mix_or_default(snapshot, profile)
+        )
+        if profile is not None
+        else {}
+    )
     for s in STAGES:
         obs = snapshot.stages[s]
         m.current.labels(namespace, name, s).set(obs.desired)
         m.desired.labels(namespace, name, s).set(targets[s])
         if decision is not None:
             m.predicted.labels(namespace, name, s).set(decision.stages[s].predicted)
-        if profile is not None:
-            predicted_t = mean_service_time(profile, s, accs[s], mix)
-            m.predicted_service_time.labels(namespace, name, s).set(predicted_t)
+        if s in times:
+            m.predicted_service_time.labels(namespace, name, s).set(times[s])
         if obs.service_time_s is not None:
             m.observed_service_time.labels(namespace, name, s).set(obs.service_time_s)

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from disagfusion.operator.capacity import servers_for
-from disagfusion.operator.planner import allocate, slo_slack, split_wait
+from disagfusion.operator.planner import allocate, mean_service_times, slo_slack, split_wait
 from disagfusion.operator.profile import STAGES, Profile, RequestShape
 from disagfusion.operator.scaling import (
     Decision,
@@ -41,7 +41,6 @@ from disagfusion.operator.scaling import (
     StageDecision,
     StageObservation,
     accelerators_of,
-    mean_service_time,
     mix_or_default,
 )
 
@@ -87,19 +86,15 @@ class HybridPolicy:
         budget = knobs.max_gpus or profile.default_gpus
         accs = accelerators_of(snapshot, profile)
         if knobs.mode == "Disabled":
-            return _hold(snapshot, state, accs, budget, "autoscaling disabled")
+            return _hold(snapshot, state, accs, "autoscaling disabled")
         age = snapshot.metrics_age_s
         if age is None or snapshot.arrival_rps is None:
-            return _hold(snapshot, state, accs, budget, "no metrics: holding", ok=False)
+            return _hold(snapshot, state, accs, "no metrics: holding", ok=False)
         if age > knobs.stale_after_s:
-            return _hold(
-                snapshot, state, accs, budget, f"metrics {age:.0f}s old: holding", ok=False
-            )
+            return _hold(snapshot, state, accs, f"metrics {age:.0f}s old: holding", ok=False)
         if any(s not in snapshot.stages for s in STAGES):
             missing = ", ".join(s for s in STAGES if s not in snapshot.stages)
-            return _hold(
-                snapshot, state, accs, budget, f"no metrics for {missing}: holding", ok=False
-            )
+            return _hold(snapshot, state, accs, f"no metrics for {missing}: holding", ok=False)
 
         now = snapshot.now
         mix = mix_or_default(snapshot, profile)
@@ -107,7 +102,8 @@ class HybridPolicy:
         rates = (*((t, r) for t, r in state.rates if now - t <= TRENDS_KEPT_S), (now, rate))
         wait_scale = _next_wait_scale(state.wait_scale, snapshot.slo_attainment)
         slack = _slo_slack(profile, knobs, mix, accs)
-        waits = _wait_budgets(profile, mix, accs, WAIT_SHARE * wait_scale * slack)
+        times = mean_service_times(profile, accs, mix)
+        waits = split_wait(times, WAIT_SHARE * wait_scale * slack)
         # New pods serve after start-up; look that far ahead, less what the SLO lets the
         # queue absorb meanwhile (a 10-minute video SLO needs no forecast at all).
         lead = profile.startup_seconds + knobs.interval_s
@@ -127,7 +123,7 @@ class HybridPolicy:
         needs: dict[str, _Need] = {}
         for stage in STAGES:
             obs = snapshot.stages[stage]
-            predicted_t = mean_service_time(profile, stage, accs[stage], mix)
+            predicted_t = times[stage]
             ratios[stage] = _next_ratio(ratios.get(stage, 1.0), obs.service_time_s, predicted_t)
             queued = obs.queue_depth or 0.0
             if stage == STAGES[0]:  # the gateway's waiting requests are the encoder's backlog too
@@ -167,7 +163,7 @@ class HybridPolicy:
         }
         decisions = {
             s: _stabilize(
-                s, snapshot.stages[s], wanted[s], needs[s], recs[s], rate, knobs, over_budget
+                snapshot.stages[s], wanted[s], needs[s], recs[s], rate, knobs, over_budget
             )
             for s in STAGES
         }
@@ -194,7 +190,6 @@ def _hold(
     snapshot: Snapshot,
     state: HybridState,
     accs: Mapping[str, str],
-    budget: int | None,
     why: str,
     ok: bool = True,
 ) -> Decision:
@@ -205,7 +200,6 @@ def _hold(
         stages[s] = StageDecision(
             replicas=n, accelerator=accs[s], predicted=n, reason=f"{why} at {n}"
         )
-    del budget
     return Decision(stages=stages, state=state, metrics_ok=ok)
 
 
@@ -257,13 +251,6 @@ def _slo_slack(profile: Profile, knobs: Knobs, mix: Mix, accs: Mapping[str, str]
     return max(slack, 0.05 * unloaded)
 
 
-def _wait_budgets(
-    profile: Profile, mix: Mix, accs: Mapping[str, str], total_wait: float
-) -> dict[str, float]:
-    """The mean queueing wait each stage may add (the planner's split of `total_wait`)."""
-    return split_wait({s: mean_service_time(profile, s, accs[s], mix) for s in STAGES}, total_wait)
-
-
 def _need(
     queued: float,
     forecast: float,
@@ -291,7 +278,6 @@ def _need(
 
 
 def _stabilize(
-    stage: str,
     obs: StageObservation,
     wanted: int,
     need: _Need,
@@ -334,7 +320,6 @@ def _stabilize(
             )
     if (obs.queue_depth or 0) > target:
         return current, f"holding {current}: {obs.queue_depth:.0f} queued"
-    del stage
     return target, f"down {current}->{target}: {need.why}"
 
 

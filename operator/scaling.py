@@ -111,13 +111,6 @@ def mix_or_default(snapshot: Snapshot, profile: Profile) -> tuple[tuple[RequestS
     return tuple((shape, w / total) for shape, w in snapshot.mix if w > 0)
 
 
-def mean_service_time(
-    profile: Profile, stage: str, accelerator: str, mix: tuple[tuple[RequestShape, float], ...]
-) -> float:
-    """The model's expected seconds per request of this stage for a shape mix."""
-    return sum(w * profile.service_time(stage, accelerator, shape) for shape, w in mix)
-
-
 def accelerators_of(snapshot: Snapshot, profile: Profile) -> dict[str, str]:
     return {
         s: (snapshot.stages[s].accelerator if s in snapshot.stages else "")
