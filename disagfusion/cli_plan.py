@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from disagfusion.cli_common import HelpFormatter, one_line_errors
 from disagfusion.operator.profile import (
     STAGES,
     Profile,
@@ -18,7 +20,44 @@ from disagfusion.operator.profile import (
     profile_to_dict,
 )
 
+if TYPE_CHECKING:
+    from disagfusion.operator.planner import Plan
+
 BUILTIN = "builtin:"
+CURRENCY = "USD"  # what every profile's `cost_per_hour` is in
+MAX_GPUS = 1_000_000  # the greedy planner is linear in the budget: ~2 s at this size
+# JSON floats: profiles are calibrated to 3-4 digits, so 5 keep all that means anything
+# and drop the noise of rounded coefficients (25.299998 -> 25.3, 0.3099988 -> 0.31).
+SIGNIFICANT_DIGITS = 5
+MONEY_KEYS = ("cost_per_hour",)  # rounded to cents instead
+
+
+def round_floats(value: Any, digits: int = SIGNIFICANT_DIGITS) -> Any:
+    """`value` with every float in it rounded to `digits` significant digits, and
+    money (MONEY_KEYS) to cents."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {
+            k: round(v, 2) if k in MONEY_KEYS and isinstance(v, float) else round_floats(v, digits)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
+def plain_number(value: float) -> str:
+    """Four significant digits without an exponent: 51.87, 3865, 25000, 0.0004000."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    decimals = max(0, 3 - math.floor(math.log10(abs(value))))
+    return f"{value:.{decimals}f}" if abs(value) < 1e4 else f"{value:.0f}"
+
+
+def money(per_hour: float) -> str:
+    """A cost per hour in the profiles' currency: `$1,600.00/h`."""
+    return f"${per_hour:,.2f}/h"
 
 
 def load_profile(spec: str) -> Profile:
@@ -42,7 +81,8 @@ def load_profile(spec: str) -> Profile:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ProfileError([f"not valid YAML: {err}"]) from None
+            # PyYAML's messages span lines (context, then a caret): one line here
+            raise ProfileError([f"not valid YAML: {' '.join(str(err).split())}"]) from None
     else:
         try:
             data = json.loads(text)
@@ -80,30 +120,113 @@ def load_mix(
 
 def register(sub: Any) -> None:
     """Add `plan` and `profile` to the `disagfusion` parser."""
-    p = sub.add_parser("plan", help="instances per stage for a GPU budget or a request rate")
-    p.add_argument("--profile", required=True, help="profile file (.yaml/.json) or builtin:NAME")
+    _register_plan(sub)
+    _register_profile(sub)
+
+
+def _register_plan(sub: Any) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="instances per stage for a GPU budget or a request rate",
+        description="Replicas and accelerator per stage, throughput, bottleneck and cost\n"
+        f"({CURRENCY} per hour) for a GPU budget (most throughput) or a request rate"
+        " (lowest cost).",
+        formatter_class=HelpFormatter,
+    )
+    one_line_errors(p)
+    p.add_argument(
+        "--profile",
+        required=True,
+        metavar="P",
+        help="performance profile: a .yaml/.json file or builtin:NAME (required;"
+        " see profile --list)",
+    )
     goal = p.add_mutually_exclusive_group()
-    goal.add_argument("--gpus", type=int, help="GPU budget: maximise throughput")
-    goal.add_argument("--rate", type=float, help="requests/s to carry: minimise cost")
-    p.add_argument("--trace", help="JSONL trace (or builtin:NAME) whose shape mix to plan for")
-    p.add_argument("--slo", help="latency SLO for --rate: '30s' or '2x' (default: the profile's)")
-    p.add_argument("--target-utilization", type=float, default=0.8, help="busy share (--rate)")
+    goal.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPU budget to maximise throughput for (default: the profile's defaults.gpus)",
+    )
+    goal.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="requests/s to carry at the lowest cost (default: none; plan for --gpus)",
+    )
+    p.add_argument(
+        "--trace",
+        metavar="T",
+        help="plan for the shape mix of this JSONL trace or builtin:NAME trace"
+        " (default: the profile's default request)",
+    )
+    p.add_argument(
+        "--slo", help="latency SLO for --rate, '30s' or '2x' (default: the profile's defaults.slo)"
+    )
+    p.add_argument(
+        "--target-utilization",
+        type=float,
+        default=0.8,
+        metavar="U",
+        help="with --rate: the busy share each stage may run at",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
-    m = sub.add_parser("profile", help="measure a model's stages here, or show a builtin profile")
+
+def _register_profile(sub: Any) -> None:
+    m = sub.add_parser(
+        "profile",
+        help="measure a model's stages here, or show a builtin profile",
+        description="Measure each stage of a model on this machine and fit a performance\n"
+        "profile, or print the builtin profiles.",
+        formatter_class=HelpFormatter,
+    )
+    one_line_errors(m)
     what = m.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="model to measure (builtin:tiny-unet, a diffusers dir, ...)")
-    what.add_argument("--show", metavar="builtin:NAME", help="print a builtin profile")
-    what.add_argument("--list", action="store_true", help="list the builtin profiles")
-    m.add_argument("--json", action="store_true", help="print the profile as JSON on stdout")
-    m.add_argument("-o", "--output", help="write the profile (YAML if .yaml/.yml, else JSON)")
-    m.add_argument("--device", default="cpu")
-    m.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
-    m.add_argument("--repeats", type=int, default=5, help="timed runs per shape (fastest wins)")
-    m.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    what.add_argument(
+        "--model",
+        metavar="M",
+        help="measure this model (builtin:tiny-unet, a diffusers directory, a cached hub id);"
+        " one of --model, --show, --list is required",
+    )
+    what.add_argument(
+        "--show",
+        metavar="builtin:NAME",
+        help="print a builtin profile; one of --model, --show, --list is required",
+    )
+    what.add_argument(
+        "--list",
+        action="store_true",
+        help="list the builtin profiles; one of --model, --show, --list is required",
+    )
     m.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads, as the workers' (default: 1)"
+        "--json",
+        action="store_true",
+        help="print the profile as JSON on stdout (default: YAML on stdout unless -o is given)",
+    )
+    m.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write the profile: YAML if .yaml/.yml, else JSON (default: print it on stdout)",
+    )
+    m.add_argument("--device", default="cpu", help="torch device to measure on (cpu, cuda, ...)")
+    m.add_argument(
+        "--dtype",
+        default=None,
+        help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 otherwise)",
+    )
+    m.add_argument(
+        "--repeats", type=int, default=5, metavar="N", help="timed runs per shape (fastest wins)"
+    )
+    m.add_argument("--quick", action="store_true", help="measure fewer, smaller shapes")
+    m.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads, as a worker's --threads (default: 1 on CPU)",
     )
     m.set_defaults(func=cmd_profile)
 
@@ -114,40 +237,63 @@ def _error(message: str) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from disagfusion.operator.planner import plan_for_gpus, plan_for_rate
-
     try:
         profile = load_profile(args.profile)
     except ProfileError as err:
         return _error(f"profile {args.profile}: {err}")
     try:
-        mix = load_mix(args.trace, profile, args.gpus) if args.trace else None
-        if args.rate is not None:
-            plan = plan_for_rate(profile, args.rate, mix, args.slo, args.target_utilization)
-            goal = f"{args.rate:g} req/s"
-        else:
-            gpus = args.gpus if args.gpus is not None else profile.default_gpus
-            if gpus is None:
-                return _error(f"give --gpus or --rate ({profile.name} has no default budget)")
-            if gpus < len(STAGES):
-                return _error(f"--gpus must be at least {len(STAGES)} (one per stage), got {gpus}")
-            plan = plan_for_gpus(profile, gpus, mix)
-            goal = f"{gpus} GPUs"
+        plan, goal = _make_plan(args, profile)
     except ValueError as err:
         return _error(str(err))
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
-        return 0
-    print(f"plan for {profile.name}, {goal}")
+        doc = {**plan.to_json(), "currency": CURRENCY}
+        print(json.dumps(round_floats(doc), indent=2))
+    else:
+        _print_plan(plan, f"plan for {profile.name}, {goal}")
+    return 0
+
+
+def _make_plan(args: argparse.Namespace, profile: Profile) -> tuple[Plan, str]:
+    """The plan the flags ask for and what it was planned for (ValueError: why not)."""
+    from disagfusion.operator.planner import plan_for_gpus, plan_for_rate
+
+    mix = load_mix(args.trace, profile, args.gpus) if args.trace else None
+    if args.rate is not None:
+        plan = plan_for_rate(profile, args.rate, mix, args.slo, args.target_utilization)
+        _check_carries(plan, args.rate, args.target_utilization)
+        return plan, f"{args.rate:g} req/s"
+    gpus = args.gpus if args.gpus is not None else profile.default_gpus
+    if gpus is None:
+        raise ValueError(f"give --gpus or --rate ({profile.name} has no default budget)")
+    if not len(STAGES) <= gpus <= MAX_GPUS:
+        raise ValueError(
+            f"--gpus must be at least {len(STAGES)} (one per stage) and at most {MAX_GPUS:,},"
+            f" got {gpus}"
+        )
+    return plan_for_gpus(profile, gpus, mix), f"{gpus} GPUs"
+
+
+def _check_carries(plan: Plan, rate: float, utilization: float) -> None:
+    """The planner caps a stage's instances (capacity.servers_for's limit): say so rather
+    than print a plan that does not carry the rate."""
+    for name, s in plan.stages.items():
+        if rate * s.service_time_s > s.replicas * utilization * (1 + 1e-9):
+            raise ValueError(
+                f"cannot carry {rate:g} req/s: the {name} stage would need more than"
+                f" {s.replicas:,} instances"
+            )
+
+
+def _print_plan(plan: Plan, heading: str) -> None:
+    print(heading)
     print(f"{'stage':<10}{'replicas':>9}  {'accelerator':<14}{'GPUs/inst':>9}{'req/s':>12}")
     for name, s in plan.stages.items():
-        rps = f"{s.throughput_rps:.4g}"
+        rps = plain_number(s.throughput_rps)
         print(f"{name:<10}{s.replicas:>9}  {s.accelerator:<14}{s.gpus_per_instance:>9}{rps:>12}")
     print(
-        f"throughput {plan.throughput_rps:.4g} req/s, {plan.gpus} GPUs, "
-        f"{plan.cost_per_hour:.2f}/h, bottleneck {plan.bottleneck}"
+        f"throughput {plain_number(plan.throughput_rps)} req/s, {plan.gpus} GPUs, "
+        f"cost {money(plan.cost_per_hour)}, bottleneck {plan.bottleneck}"
     )
-    return 0
 
 
 def _dump(data: dict[str, Any], path: str | None = None) -> str:

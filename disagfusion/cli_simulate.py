@@ -4,7 +4,7 @@ each scaling policy and compare latency, SLO attainment and GPU-hours.
     disagfusion simulate --trace builtin:diurnal --profile builtin:qwen-image-h100 \\
         --policy static-disagg,hybrid,oracle --json --plot out.png
     disagfusion simulate --list --json
-    disagfusion simulate --dump-trace builtin:burst --profile builtin:qwen-image-h100 -o t.jsonl
+    disagfusion simulate --dump-trace builtin:burst -o t.jsonl
 """
 
 from __future__ import annotations
@@ -14,9 +14,21 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from disagfusion.cli_common import HelpFormatter, one_line_errors
+from disagfusion.cli_plan import MAX_GPUS
+
+if TYPE_CHECKING:
+    from disagfusion.operator.plot import PlotContext
+    from disagfusion.operator.profile import Profile
+    from disagfusion.operator.scaling import Decision, Knobs, Policy, Snapshot
+    from disagfusion.operator.simulate import SimResult
+    from disagfusion.operator.traces import TraceRequest
 
 BUILTIN = "builtin:"
+# Builtin traces are relative to a profile; --dump-trace uses this one unless told.
+DUMP_TRACE_PROFILE = "builtin:qwen-image-h100"
 
 
 class UsageError(ValueError):
@@ -29,32 +41,70 @@ def register(sub: Any) -> None:
         "simulate",
         help="replay a trace through a simulated cluster under scaling policies",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--trace", help="a JSONL trace file or builtin:NAME (see --list)")
-    p.add_argument("--profile", help="a profile file or builtin:NAME (see --list)")
-    p.add_argument("--gpus", type=int, default=None, help="GPU budget (default: the profile's)")
-    p.add_argument("--slo", default=None, help="'30s' or '2x' (default: the profile's)")
+    one_line_errors(p)
+    p.add_argument(
+        "--trace",
+        metavar="T",
+        help="a JSONL trace file or builtin:NAME, see --list (required to simulate)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="P",
+        help="a profile file or builtin:NAME, see --list (required to simulate;"
+        f" default for --dump-trace: {DUMP_TRACE_PROFILE})",
+    )
+    p.add_argument(
+        "--gpus", type=int, metavar="N", help="GPU budget (default: the profile's defaults.gpus)"
+    )
+    p.add_argument(
+        "--slo", help="latency SLO, '30s' or '2x' (default: the profile's defaults.slo, else 2x)"
+    )
     p.add_argument(
         "--policy",
-        default=None,
-        help="comma-separated policies (default: all): static-monolithic, static-disagg,"
-        " threshold, hpa, hybrid, oracle",
+        metavar="P1,P2",
+        help="comma-separated policies: static-monolithic, static-disagg, threshold, hpa,"
+        " hybrid, oracle (default: all)",
     )
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG: replicas and latency")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="write a PNG: instances, arrivals and latency per policy (default: no plot)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the service-time noise and traces")
     p.add_argument("--noise", type=float, default=0.1, help="sigma of the lognormal noise")
     p.add_argument(
-        "--max-queue", type=int, default=None, help="gateway queue limit (default 10 x GPUs)"
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="requests queued before the gateway rejects (default: 10 x GPUs)",
     )
     p.add_argument(
-        "--requests", type=int, default=None, help="rescale a builtin trace to about N requests"
+        "--requests",
+        type=int,
+        metavar="N",
+        help="rescale a builtin trace to about N requests (default: the trace's own size)",
     )
     p.add_argument("--timing", action="store_true", help="print wall seconds per policy")
-    p.add_argument("--list", action="store_true", help="list builtin traces, profiles, policies")
-    p.add_argument("--dump-trace", metavar="TRACE", help="write a builtin trace as JSONL")
-    p.add_argument("-o", "--output", type=Path, default=None, help="with --dump-trace")
+    p.add_argument(
+        "--list", action="store_true", help="list builtin traces, profiles and policies, and exit"
+    )
+    p.add_argument(
+        "--dump-trace",
+        metavar="builtin:NAME",
+        help="write a builtin trace as JSONL, for --profile and --gpus (default profile:"
+        f" {DUMP_TRACE_PROFILE}), and exit",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="with --dump-trace: the file to write (default: stdout)",
+    )
     p.set_defaults(func=run)
 
 
@@ -102,28 +152,30 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> Any:
+def _profile(spec: str | None) -> Profile:
     from disagfusion.cli_plan import load_profile
     from disagfusion.operator.profile import ProfileError
 
-    if not args.profile:
+    if not spec:
         raise UsageError("--profile is required (a file or builtin:NAME; see --list)")
     try:
-        return load_profile(args.profile)
+        return load_profile(spec)
     except ProfileError as err:
-        raise UsageError(f"profile {args.profile}: {err}") from None
+        raise UsageError(f"profile {spec}: {err}") from None
 
 
-def _budget(args: argparse.Namespace, profile: Any) -> int:
-    gpus = args.gpus or profile.default_gpus
+def _budget(args: argparse.Namespace, profile: Profile) -> int:
+    gpus = args.gpus if args.gpus is not None else profile.default_gpus
     if gpus is None:
         raise UsageError(f"profile {profile.name} has no default GPU budget: give --gpus")
-    if gpus < 1:
-        raise UsageError(f"--gpus must be >= 1, got {gpus}")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise UsageError(f"--gpus must be >= 1 and <= {MAX_GPUS:,}, got {gpus}")
     return int(gpus)
 
 
-def _trace(spec: str | None, args: argparse.Namespace, profile: Any, gpus: int) -> list[Any]:
+def _trace(
+    spec: str | None, args: argparse.Namespace, profile: Profile, gpus: int
+) -> list[TraceRequest]:
     from disagfusion.operator.traces import TraceError, builtin_trace, parse_trace_lines
 
     if not spec:
@@ -145,7 +197,10 @@ def _trace(spec: str | None, args: argparse.Namespace, profile: Any, gpus: int) 
         with open(spec) as f:
             return parse_trace_lines(f, profile.default_request)
     except OSError as err:
-        raise UsageError(f"cannot read {spec}: {err.strerror or err}") from None
+        raise UsageError(
+            f"trace {spec}: cannot read it as a JSONL file ({err.strerror or err});"
+            " builtin traces are builtin:NAME, see --list"
+        ) from None
     except (TraceError, UnicodeDecodeError) as err:
         raise UsageError(f"trace {spec}: {err}") from None
 
@@ -155,8 +210,9 @@ def _dump(args: argparse.Namespace) -> int:
 
     if not args.dump_trace.startswith(BUILTIN):
         raise UsageError("--dump-trace takes builtin:NAME (see --list)")
-    profile = _profile(args)
-    requests = _trace(args.dump_trace, args, profile, _budget(args, profile))
+    profile = _profile(args.profile or DUMP_TRACE_PROFILE)
+    gpus = _budget(args, profile)
+    requests = _trace(args.dump_trace, args, profile, gpus)
     lines = "".join(line + "\n" for line in trace_to_lines(requests))
     if args.output is None:
         sys.stdout.write(lines)
@@ -165,7 +221,11 @@ def _dump(args: argparse.Namespace) -> int:
         args.output.write_text(lines)
     except OSError as err:
         raise UsageError(f"cannot write {args.output}: {err.strerror or err}") from None
-    print(f"{args.output}: {len(requests)} requests", file=sys.stderr)
+    print(
+        f"{args.output}: {len(requests)} requests, shapes and rates for {profile.name}"
+        f" on {gpus} GPUs",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -174,7 +234,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from disagfusion.operator.profile import parse_slo
     from disagfusion.operator.simulate import SimConfig, SimulationError, simulate
 
-    profile = _profile(args)
+    profile = _profile(args.profile)
     gpus = _budget(args, profile)
     slo = args.slo or profile.default_slo or "2x"
     try:
@@ -201,11 +261,13 @@ def _simulate(args: argparse.Namespace) -> int:
         record=args.plot is not None,
     )
     results = []
+    accelerators: dict[str, dict[str, list[str]]] = {}
     for name in names:
         start = time.perf_counter()
         try:
-            policy = make_policy(name, profile, requests, gpus, slo)
+            policy = AcceleratorLog(make_policy(name, profile, requests, gpus, slo))
             results.append(simulate(profile, requests, policy, cfg))
+            accelerators[name] = policy.used
         except (SimulationError, ValueError) as err:
             raise UsageError(f"policy {name}: {err}") from None
         if args.timing:
@@ -221,7 +283,8 @@ def _simulate(args: argparse.Namespace) -> int:
         "policies": {r.policy: r.summary() for r in results},
     }
     if args.plot is not None:
-        _plot(results, args.plot, f"{args.trace} on {profile.name}, {gpus} GPUs, SLO {slo}")
+        title = f"{args.trace} on {profile.name}, {gpus} GPUs, SLO {slo}"
+        _plot(results, args.plot, plot_context(title, profile, requests, slo, accelerators))
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -229,13 +292,68 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plot(results: list[Any], path: Path, title: str) -> None:
+class AcceleratorLog:
+    """A policy that notes the accelerator type it gives each pool (the simulator's
+    result holds instance counts only; the plot's legend names the type)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.used: dict[str, list[str]] = {}  # pool -> types, in order of first use
+
+    def __getattr__(self, attr: str) -> Any:
+        # The simulator looks for optional hooks (interval_s, monolithic, prepare).
+        if attr == "policy":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(attr)
+        return getattr(self.policy, attr)
+
+    def initial_state(self) -> Any:
+        return self.policy.initial_state()
+
+    def decide(self, snapshot: Snapshot, state: Any, profile: Profile, knobs: Knobs) -> Decision:
+        decision = self.policy.decide(snapshot, state, profile, knobs)
+        for pool, d in decision.stages.items():
+            kinds = self.used.setdefault(pool, [])
+            if d.accelerator and d.accelerator not in kinds:
+                kinds.append(d.accelerator)
+        return decision
+
+
+def plot_context(
+    title: str,
+    profile: Profile,
+    requests: list[TraceRequest],
+    slo: str,
+    accelerators: dict[str, dict[str, list[str]]],
+) -> PlotContext:
+    """The plot's title, arrivals, SLO line and (on a mixed pool) accelerator types."""
+    from disagfusion.operator.plot import PlotContext
+    from disagfusion.operator.profile import STAGES, parse_slo
+
+    kind, value = parse_slo(slo)
+    if kind == "seconds":
+        slo_s, label = value, f"SLO {slo}"
+    else:  # a slowdown: its line for the profile's default request
+        accs = {s: profile.default_accelerator(s) for s in STAGES}
+        slo_s = value * profile.unloaded_latency(profile.default_request, accs)
+        label = f"SLO {slo} of the default request ({slo_s:.3g} s)"
+    return PlotContext(
+        title=title,
+        arrivals=[r.t for r in requests],
+        slo_s=slo_s,
+        slo_label=label,
+        # one type per stage says nothing; a mixed pool's legend names each stage's
+        accelerators=accelerators if len(profile.accelerators) > 1 else {},
+    )
+
+
+def _plot(results: list[SimResult], path: Path, context: PlotContext) -> None:
     try:
         from disagfusion.operator.plot import plot_results
     except ImportError as err:
         raise UsageError(f"--plot needs matplotlib ({err})") from None
     try:
-        plot_results(results, path, title)
+        plot_results(results, path, context)
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
 

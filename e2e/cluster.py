@@ -27,7 +27,8 @@ T = TypeVar("T")
 class E2EConfig:
     kubectl: str
     namespace: str
-    worker_image: str
+    worker_image: str | None  # set: spec.image of the example; None: the example as is
+    default_worker_image: str | None  # the chart's workerImage, when known
     ready_timeout_s: int
     keep: bool
 
@@ -36,7 +37,8 @@ def config() -> E2EConfig:
     return E2EConfig(
         kubectl=os.environ.get("KUBECTL", "kubectl"),
         namespace=os.environ.get("E2E_NAMESPACE", "disagfusion-e2e"),
-        worker_image=os.environ.get("E2E_WORKER_IMAGE", "disagfusion-worker:e2e"),
+        worker_image=os.environ.get("E2E_WORKER_IMAGE") or None,
+        default_worker_image=os.environ.get("E2E_DEFAULT_WORKER_IMAGE") or None,
         ready_timeout_s=int(os.environ.get("E2E_READY_TIMEOUT", "900")),
         keep=os.environ.get("E2E_KEEP") == "1",
     )
@@ -120,7 +122,7 @@ def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int
 
 
 def example_pipeline(cfg: E2EConfig) -> dict[str, Any]:
-    """examples/tiny-local.yaml, pointed at the locally built worker image."""
+    """examples/tiny-local.yaml: as is (the operator's worker image), or with spec.image set."""
     docs = [
         d
         for d in yaml.safe_load_all((REPO / "examples" / "tiny-local.yaml").read_text())
@@ -128,5 +130,6 @@ def example_pipeline(cfg: E2EConfig) -> dict[str, Any]:
     ]
     (pipeline,) = docs
     pipeline["metadata"]["namespace"] = cfg.namespace
-    pipeline["spec"]["image"] = cfg.worker_image
+    if cfg.worker_image is not None:
+        pipeline["spec"]["image"] = cfg.worker_image
     return pipeline

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test on a throwaway kind cluster (see e2e/README.md):
 #   kind cluster -> build + load the worker and operator images -> helm install the chart
-#   -> pytest e2e (apply examples/tiny-local.yaml, wait Ready, port-forward the gateway,
+#   (both images as its image / workerImage values)
+#   -> pytest e2e (apply examples/tiny-local.yaml unchanged, wait Ready, port-forward the gateway,
 #      generate an image, scale the denoiser and watch the StatefulSet follow) -> tear down.
 #
 # Needs docker (with a running daemon), kind, kubectl, helm and internet access
@@ -45,6 +46,10 @@ docker info >/dev/null 2>&1 || die "the docker daemon is not reachable"
 case "$OPERATOR_IMAGE" in
   *:*) ;;
   *) die "E2E_OPERATOR_IMAGE needs an explicit tag (repository:tag)" ;;
+esac
+case "$WORKER_IMAGE" in
+  *:*) ;;
+  *) die "E2E_WORKER_IMAGE needs an explicit tag (repository:tag)" ;;
 esac
 
 # A kubeconfig of our own: the user's contexts are never touched.
@@ -102,14 +107,18 @@ log "installing the chart (release $RELEASE in $OPERATOR_NAMESPACE)"
   --set image.repository="${OPERATOR_IMAGE%:*}" \
   --set image.tag="${OPERATOR_IMAGE##*:}" \
   --set image.pullPolicy=Never \
+  --set workerImage.repository="${WORKER_IMAGE%:*}" \
+  --set workerImage.tag="${WORKER_IMAGE##*:}" \
   --wait --timeout 5m
 kubectl wait crd/diffusionpipelines.disagfusion.io --for=condition=Established --timeout=60s
 kubectl -n "$OPERATOR_NAMESPACE" rollout status deployment/"$RELEASE"-operator --timeout=180s
 
 log "running the e2e tests"
-DISAGFUSION_E2E=1 \
+# The example runs unchanged (no spec.image): the chart's workerImage, checked by the tests.
+env -u E2E_WORKER_IMAGE \
+  DISAGFUSION_E2E=1 \
   E2E_NAMESPACE="$NAMESPACE" \
-  E2E_WORKER_IMAGE="$WORKER_IMAGE" \
+  E2E_DEFAULT_WORKER_IMAGE="$WORKER_IMAGE" \
   E2E_READY_TIMEOUT="$READY_TIMEOUT" \
   E2E_KEEP="$KEEP" \
   "$PYTHON" -m pytest e2e -m e2e -v -p no:cacheprovider "$@"

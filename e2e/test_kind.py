@@ -100,6 +100,12 @@ def test_pipeline_becomes_ready(e2e: E2EConfig, kubectl: Kubectl, pipeline: dict
     for stage in STAGES:
         assert status["stages"][stage]["readyReplicas"] == 1
     assert status["gateway"]["endpoint"]
+    expected = e2e.worker_image or e2e.default_worker_image
+    if expected is not None:  # spec.image if set, else the chart's workerImage, in every pod
+        workloads = [("statefulset", f"{name}-{s}") for s in STAGES]
+        for kind, child in [*workloads, ("deployment", f"{name}-gateway")]:
+            (c,) = kubectl.json(kind, child)["spec"]["template"]["spec"]["containers"]
+            assert c["image"] == expected, (child, c["image"])
 
 
 def test_gateway_serves_an_image(

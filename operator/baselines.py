@@ -9,7 +9,7 @@ how often it runs:
   the SLO slack), so it is comparable with `static-disagg`; clipped to the budget.
 - `static-disagg`: the planner's pool for the trace's mean rate and mix
   (`plan_for_rate`), or its best pool for the budget when that does not fit.
-- `threshold`: the LightX2V controller (CALIBRATION.md): polls every 2 s;
+- `threshold`: the LightX2V controller (docs/calibration.md): polls every 2 s;
   when mean utilization (busy over ready instances, all stages) > 80 % or a
   queue > 2, adds one instance to the stage with the highest queue score
   (queued per ready instance, then utilization); removes one from a stage

@@ -1,4 +1,4 @@
-"""Builtin performance profiles, calibrated from ../shared/CALIBRATION.md (pure data).
+"""Builtin performance profiles, calibrated from docs/calibration.md (pure data).
 
 How the published batch-1 stage times became coefficients:
 - the text encoder's time does not depend on the output shape: all of it is `a`;
@@ -40,7 +40,7 @@ _QWEN_DECODER = {"b": round(0.31 / _QWEN_P, 6), "memory_gb": 0.3}
 BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "wan2.1-14b-t2v-h100": {
         "description": "Wan2.1-14B text-to-video, 480P 81 frames, 50 steps, batch 1, on H100",
-        "source": "CALIBRATION.md: LightX2V disaggregation blog (encoder 0.89 s, denoiser"
+        "source": "docs/calibration.md: LightX2V disaggregation blog (encoder 0.89 s, denoiser"
         " 252.8 s, decoder 2.38 s on H100); memory: T5-XXL 9.4 GB, DiT 28.0 GB, VAE 0.2 GB",
         "accelerators": [{"name": "H100", "cost_per_hour": 2.5, "memory_gb": 80}],
         "startup_seconds": 180,
@@ -57,7 +57,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     },
     "qwen-image-h100": {
         "description": "Qwen-Image-2512 text-to-image, 1328x1328, 50 steps, batch 1, on H100",
-        "source": "CALIBRATION.md: LightX2V disaggregation blog (encoder 0.26 s, denoiser"
+        "source": "docs/calibration.md: LightX2V disaggregation blog (encoder 0.26 s, denoiser"
         " 25.3 s, decoder 0.31 s on H100); memory: Qwen2.5-VL 16.6 GB, DiT 40.9 GB, VAE 0.3 GB",
         "accelerators": [{"name": "H100", "cost_per_hour": 2.5, "memory_gb": 80}],
         "startup_seconds": 120,

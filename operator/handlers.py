@@ -57,7 +57,7 @@ from disagfusion.operator.render import (
     stage_name,
 )
 from disagfusion.operator.scaling import Policy
-from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
+from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, PipelineSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
@@ -77,6 +77,7 @@ class Context:
     metrics: OperatorMetrics
     policy: Policy | None = None  # None: HybridPolicy
     prometheus_url: str | None = None  # default for spec.autoscaling.prometheusUrl
+    worker_image: str = DEFAULT_IMAGE  # the image of pipelines without spec.image
     rate_window: str = "1m"  # PromQL range of the autoscaler's rates
     prometheus_timeout_s: float = 5.0
     clock: Callable[[], float] = time.time
@@ -146,7 +147,7 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
     status = ctx.known_status(uid, body)
     old_conditions = list(status.get("conditions") or [])
     try:
-        spec = parse_spec(body.get("spec"))
+        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
     except SpecError as err:
         conditions = cond.apply_invalid(old_conditions, err.problems, now, generation)
         new_status = {**status, "observedGeneration": generation, "conditions": conditions}
@@ -237,7 +238,7 @@ def cleanup(ctx: Context, body: Mapping[str, Any]) -> list[str]:
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid") or "")
     try:
-        spec = parse_spec(body.get("spec"))
+        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
     except SpecError:
         return []
     owner = Owner(
@@ -258,14 +259,23 @@ def build_registry(
     registry: kopf.OperatorRegistry | None = None,
     autoscale_tick: float = DEFAULT_AUTOSCALE_TICK_S,
     prometheus_url: str | None = None,
+    worker_image: str = DEFAULT_IMAGE,
 ) -> kopf.OperatorRegistry:
     """Register the handlers on a fresh registry (tests use several operators per process).
 
-    The autoscale timer ticks every `autoscale_tick` seconds; each pipeline's
-    own spec.autoscaling.intervalSeconds decides which ticks do a round.
+    A fresh OperatorRegistry has none of the login handlers of kopf's default
+    registry, so it gets kopf's own `login_via_client` (the kubernetes client's
+    configuration: in-cluster service account, then the current kubeconfig
+    context), exactly what `kopf run` would use. The autoscale timer ticks every
+    `autoscale_tick` seconds; each pipeline's own spec.autoscaling.intervalSeconds
+    decides which ticks do a round.
     """
     reg = registry if registry is not None else kopf.OperatorRegistry()
     resource = (GROUP, VERSION, PLURAL)
+
+    @kopf.on.login(registry=reg)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(registry=reg)
     def startup(memo: Any, settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -284,6 +294,7 @@ def build_registry(
                 kube=Kube.from_environment(),
                 metrics=default_metrics(),
                 prometheus_url=prometheus_url,
+                worker_image=worker_image,
             )
 
     def on_change(body: kopf.Body, memo: Any, **_: Any) -> None:

@@ -2,7 +2,7 @@
 
 A stage of n instances with mean service time t serves n/t requests/s; the
 pipeline serves the minimum over its stages. `plan_for_gpus` maximises that
-minimum under a GPU budget (the balance rule E:D ≈ t_e:t_d of CALIBRATION.md
+minimum under a GPU budget (the balance rule E:D ≈ t_e:t_d of docs/calibration.md
 falls out of it); `plan_for_rate` finds the cheapest pipeline that carries a
 rate with a queueing delay the SLO can absorb. With several accelerator types,
 every assignment of one type per stage is tried.

@@ -367,6 +367,8 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         "--request-timeout",
         f"{gw.request_timeout_seconds:g}",
     ]
+    if spec.model.served_name is not None:
+        args += ["--served-model-name", spec.model.served_name]
     container: dict[str, Any] = {
         "name": "gateway",
         "image": gw.image,

@@ -1,8 +1,11 @@
 """`disagfusion operator`: run the kopf operator against the current cluster.
 
-kopf logs in with the kubernetes client's own logic (in-cluster service
-account first, then the current kubeconfig context); our Kube client loads
-the same configuration in the startup handler.
+kopf logs in with the kubernetes client's own logic (kopf's fallback login
+handler `login_via_client`: in-cluster service account first, then the
+current kubeconfig context, whatever that supports: tokens, client
+certificates, exec plugins); our Kube client loads the same configuration in
+the startup handler. Without any usable configuration the command says so in
+one line and exits, rather than letting kopf retry a failed login forever.
 """
 
 from __future__ import annotations
@@ -12,8 +15,32 @@ import logging
 import os
 
 from disagfusion.operator.handlers import DEFAULT_TIMER_INTERVAL_S, build_registry
+from disagfusion.operator.spec import DEFAULT_IMAGE
 
 log = logging.getLogger(__name__)
+
+
+class NoClusterConfig(RuntimeError):
+    """Neither an in-cluster service account nor a usable kubeconfig."""
+
+
+def check_cluster_config() -> None:
+    """Load the configuration kopf will log in with; NoClusterConfig says why not."""
+    from kubernetes import config
+
+    try:
+        config.load_incluster_config()
+        return
+    except config.ConfigException:
+        pass
+    try:
+        config.load_kube_config()
+    except (config.ConfigException, OSError, ValueError) as err:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise NoClusterConfig(
+            f"no Kubernetes configuration: not in a cluster and {where} is unusable ({err});"
+            " set KUBECONFIG or run in a cluster"
+        ) from None
 
 
 def run_operator(
@@ -28,12 +55,17 @@ def run_operator(
     import kopf
     from prometheus_client import start_http_server
 
+    check_cluster_config()
     if metrics_port:
         start_http_server(metrics_port)
         log.info("operator metrics on :%d/metrics", metrics_port)
     url = prometheus_url or os.environ.get("DISAGFUSION_PROMETHEUS_URL") or None
     log.info("autoscaler queries %s", url or "no Prometheus (only spec.autoscaling.prometheusUrl)")
-    registry = build_registry(timer_interval=timer_interval, prometheus_url=url)
+    worker_image = os.environ.get("DISAGFUSION_WORKER_IMAGE") or DEFAULT_IMAGE
+    log.info("pipelines without spec.image run %s", worker_image)
+    registry = build_registry(
+        timer_interval=timer_interval, prometheus_url=url, worker_image=worker_image
+    )
     liveness = f"http://0.0.0.0:{liveness_port}/healthz" if liveness_port else None
     asyncio.run(
         kopf.operator(

@@ -11,12 +11,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagfusion import __version__
 from disagfusion.operator.builtin_profiles import builtin_profile
 from disagfusion.operator.profile import Profile, ProfileError, parse_profile, parse_slo
 from disagfusion.operator.scaling import Knobs
 
 STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
-DEFAULT_IMAGE = "ghcr.io/disagfusion/disagfusion:0.1.0"
+# The worker image of a pipeline without spec.image when the operator is given none:
+# the chart's workerImage default (no registry publishes it; the README builds it).
+# The operator passes its own (DISAGFUSION_WORKER_IMAGE) as parse_spec's default_image.
+DEFAULT_IMAGE = f"disagfusion-worker:{__version__}"
+# spec.model.servedName: an OpenAI-style model id, short enough for logs and labels.
+MAX_SERVED_NAME = 128
 FAMILIES = ("auto", "unet", "mmdit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORTS = ("grpc",)
@@ -41,6 +47,7 @@ class ModelSpec:
     dtype: str = "auto"
     volume: dict[str, Any] | None = None
     mount_path: str = "/models"
+    served_name: str | None = None  # None: the gateway reports the model's display name
 
 
 @dataclass(frozen=True)
@@ -129,12 +136,16 @@ class _Reader:
         path: str,
         default: str | None = None,
         choices: tuple[str, ...] = (),
+        max_length: int | None = None,
     ) -> str | None:
         value = data.get(key, default)
         if value is None:
             return None
         if not isinstance(value, str) or not value:
             self.problems.append(f"{path}: must be a non-empty string")
+            return default
+        if max_length is not None and len(value) > max_length:
+            self.problems.append(f"{path}: at most {max_length} characters, got {len(value)}")
             return default
         if choices and value not in choices:
             self.problems.append(f"{path}: must be one of {', '.join(choices)}, got {value!r}")
@@ -188,6 +199,7 @@ def _model(r: _Reader, spec: Mapping[str, Any]) -> ModelSpec:
         dtype=r.str_(m, "dtype", "spec.model.dtype", "auto", DTYPES) or "auto",
         volume=dict(volume) if volume is not None else None,
         mount_path=mount_path,
+        served_name=r.str_(m, "servedName", "spec.model.servedName", max_length=MAX_SERVED_NAME),
     )
 
 
@@ -373,12 +385,16 @@ def _autoscaling(
     )
 
 
-def parse_spec(spec: Mapping[str, Any] | None) -> PipelineSpec:
-    """Default and validate a DiffusionPipeline spec; raise SpecError naming every problem."""
+def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAGE) -> PipelineSpec:
+    """Default and validate a DiffusionPipeline spec; raise SpecError naming every problem.
+
+    `default_image` is the image of a spec without spec.image: the operator's worker
+    image (the chart's workerImage), passed in because this module reads no environment.
+    """
     r = _Reader()
     spec = spec or {}
     model = _model(r, spec)
-    image = r.str_(spec, "image", "spec.image", DEFAULT_IMAGE) or DEFAULT_IMAGE
+    image = r.str_(spec, "image", "spec.image") or default_image
     raw_stages = r.obj(spec, "stages", "spec.stages")
     for extra in sorted(set(raw_stages) - set(STAGES)):
         r.problems.append(f"spec.stages.{extra}: unknown stage (use {', '.join(STAGES)})")

@@ -31,6 +31,7 @@ from disagfusion.operator.profile import Profile
 from disagfusion.operator.prometheus import Prometheus, PrometheusError
 from disagfusion.operator.scaling import Decision, Knobs, Policy, Snapshot, StageDecision
 from disagfusion.worker.launcher import free_port
+from tests.kubeconfig import kubeconfig_env
 from tests.test_operator_kmock import (
     CRD,
     EVENTS,
@@ -153,9 +154,6 @@ async def operator(
     """
     registry = build_registry(timer_interval=timer_interval, autoscale_tick=0.1)
 
-    @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=cluster.url, insecure=True)
 
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 60
@@ -171,6 +169,8 @@ async def operator(
         rate_window=WINDOW,
         prometheus_timeout_s=2,
     )
+    env = contextlib.ExitStack()
+    env.enter_context(kubeconfig_env(cluster.url))  # kopf logs in as in production
     task = asyncio.create_task(
         kopf.operator(
             registry=registry,
@@ -189,6 +189,7 @@ async def operator(
         stop.set()
         await asyncio.wait_for(task, WAIT_S)
         kube.close()
+        env.close()
 
 
 def autoscaled(

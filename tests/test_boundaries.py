@@ -16,6 +16,7 @@ POLICY_MODULES = [
     "worker/dispatch.py",
     "worker/api.py",
     "worker/params.py",
+    "worker/restarts.py",
     "operator/spec.py",
     "operator/render.py",
     "operator/conditions.py",

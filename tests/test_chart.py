@@ -196,7 +196,8 @@ def test_operator_deployment_defaults(rendered: dict[str, list[Doc]]) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     c = operator_container(docs)
-    assert c["image"] == "ghcr.io/disagfusion/disagfusion:0.1.0"
+    # What the README builds (no registry publishes an image): repository:appVersion.
+    assert c["image"] == "disagfusion-operator:0.1.0"
     assert c["command"] == ["disagfusion"]
     assert c["args"] == [
         "operator",
@@ -217,6 +218,10 @@ def test_operator_deployment_defaults(rendered: dict[str, list[Doc]]) -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["DISAGFUSION_PROMETHEUS_URL"] == ""
     assert env["DISAGFUSION_LOG_LEVEL"] == "INFO"
+    # The operator's own fallback is the chart's default, so both name one image.
+    from disagfusion.operator.spec import DEFAULT_IMAGE
+
+    assert env["DISAGFUSION_WORKER_IMAGE"] == "disagfusion-worker:0.1.0" == DEFAULT_IMAGE
     # The operator pod must not look like a pipeline pod to the workers' PodMonitor.
     assert "app.kubernetes.io/part-of" not in deployment["spec"]["template"]["metadata"]["labels"]
     assert not by_kind(docs, "ServiceMonitor") and not by_kind(docs, "PodMonitor")
@@ -230,6 +235,48 @@ def test_operator_deployment_custom(rendered: dict[str, list[Doc]]) -> None:
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["DISAGFUSION_PROMETHEUS_URL"] == "http://prometheus-operated.monitoring:9090"
     assert env["DISAGFUSION_LOG_LEVEL"] == "DEBUG"
+
+
+def images(docs: list[Doc]) -> tuple[str, str]:
+    """(operator image, the operator's default worker image) of a rendered chart."""
+    c = operator_container(docs)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    return c["image"], env["DISAGFUSION_WORKER_IMAGE"]
+
+
+def test_worker_image_values_reach_the_operator() -> None:
+    docs = template(["workerImage.repository=registry.example.com/w", "workerImage.tag=0.2"])
+    assert images(docs) == ("disagfusion-operator:0.1.0", "registry.example.com/w:0.2")
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # --set types digits as an integer; the schema accepted only strings.
+        (["image.tag=1", "workerImage.tag=2"], ("disagfusion-operator:1", "disagfusion-worker:2")),
+        (["image.tag=0"], ("disagfusion-operator:0", "disagfusion-worker:0.1.0")),
+        (["image.tag=1.5"], ("disagfusion-operator:1.5", "disagfusion-worker:0.1.0")),
+        (
+            ["image.tag=v1", "workerImage.tag=latest"],
+            ("disagfusion-operator:v1", "disagfusion-worker:latest"),
+        ),
+    ],
+)
+def test_numeric_tags_are_accepted_and_render_as_written(
+    values: list[str], expected: tuple[str, str]
+) -> None:
+    assert images(template(values)) == expected
+    assert "0 chart(s) failed" in helm("lint", str(CHART), "--strict", *set_args(values)).stdout
+
+
+def test_numeric_tags_from_a_values_file(tmp_path: Path) -> None:
+    """A values file gives float64s: 2000000 must not render as 2e+06, 3.0 not as 3.0."""
+    values = tmp_path / "values.yaml"
+    values.write_text("image:\n  tag: 2000000\nworkerImage:\n  tag: 3.0\n")
+    docs = template([], CHART, "--values", str(values))
+    assert images(docs) == ("disagfusion-operator:2000000", "disagfusion-worker:3")
+    values.write_text("image:\n  tag: 1.5\n")
+    assert images(template([], CHART, "--values", str(values)))[0] == "disagfusion-operator:1.5"
 
 
 def test_metrics_service_selects_operator(rendered: dict[str, list[Doc]]) -> None:
@@ -379,6 +426,10 @@ def test_crd_installed_from_crds_folder(rendered: dict[str, list[Doc]]) -> None:
         ("rbac.create=maybe", "/rbac/create"),
         ("prometheus.url=prometheus:9090", "/prometheus/url"),
         ("logLevel=LOUD", "/logLevel"),
+        ("image.tag=true", "/image/tag"),
+        ("workerImage.tag=-1", "/workerImage/tag"),
+        ("workerImage.repository=", "/workerImage/repository"),
+        ("workerImage.pullPolicy=Always", "/workerImage"),  # not a worker-image setting
     ],
 )
 def test_values_schema_rejects(bad: str, where: str) -> None:
@@ -464,3 +515,92 @@ def test_no_dashboards_renders_no_configmaps(chart_copy: Path) -> None:
     docs = template([], chart_copy)
     assert not dashboard_maps(docs)
     assert helm("lint", str(chart_copy), "--strict").returncode == 0
+
+
+# --- the copy-paste path: build + load the images, install, apply an example -----------
+
+
+def build_steps() -> list[str]:
+    """The commands that make the chart's default images exist on a kind cluster."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    tag = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    worker = f"{values['workerImage']['repository']}:{tag}"
+    operator = f"{values['image']['repository']}:{tag}"
+    return [
+        f"docker build -f worker/Dockerfile -t {worker} .",
+        f"docker build -f operator/Dockerfile -t {operator} .",
+        f"kind load docker-image {worker} {operator}",
+    ]
+
+
+def command_lines(text: str) -> set[str]:
+    """Lines as a user copies them: without indentation or a YAML comment's '#'."""
+    return {line.strip().lstrip("#").strip() for line in text.splitlines()}
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def install_notes(*values: str) -> str:
+    proc = helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--dry-run=client",
+        "--namespace",
+        NAMESPACE,
+        *set_args(list(values)),
+    )
+    return proc.stdout[proc.stdout.index("NOTES:") :]
+
+
+def test_build_steps_match_the_chart_defaults(rendered: dict[str, list[Doc]]) -> None:
+    operator, worker = images(rendered["default"])
+    assert build_steps()[2] == f"kind load docker-image {worker} {operator}"
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["README.md#Deploy on Kubernetes", "charts/README.md", "NOTES.txt"],
+)
+def test_every_install_path_builds_and_loads_the_images_first(where: str) -> None:
+    if where == "NOTES.txt":
+        text = install_notes()
+    elif where.startswith("README.md#"):
+        text = readme_section(where.split("#", 1)[1])
+    else:
+        text = (REPO / where).read_text()
+    missing = [step for step in build_steps() if step not in command_lines(text)]
+    assert not missing, f"{where} lacks {missing}"
+    # The pipeline is applied as it is: its image is the operator's default.
+    if where != "NOTES.txt":
+        assert "kubectl apply -f examples/tiny-local.yaml" in command_lines(text), where
+    assert "ghcr.io" not in text, f"{where} names an image no registry publishes"
+
+
+def test_notes_name_the_images_the_release_runs() -> None:
+    notes = install_notes(
+        "image.repository=reg/op", "workerImage.repository=reg/w", "workerImage.tag=7"
+    )
+    lines = command_lines(notes)
+    assert "docker build -f worker/Dockerfile -t reg/w:7 ." in lines
+    assert "docker build -f operator/Dockerfile -t reg/op:0.1.0 ." in lines
+    assert "kind load docker-image reg/w:7 reg/op:0.1.0" in lines
+
+
+def test_no_copy_paste_path_names_the_unpublished_image() -> None:
+    paths = [
+        REPO / "README.md",
+        REPO / "worker" / "Dockerfile",
+        REPO / "operator" / "Dockerfile",
+        REPO / "operator" / "spec.py",
+        *sorted((REPO / "crds").iterdir()),
+        *sorted(p for p in CHART.rglob("*") if p.is_file()),
+        *sorted((REPO / "examples").glob("*.yaml")),
+    ]
+    offenders = [str(p.relative_to(REPO)) for p in paths if "ghcr.io/disagfusion" in p.read_text()]
+    assert not offenders

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from disagfusion.operator.render import Owner, render_all
-from disagfusion.operator.spec import parse_spec, validate_spec
+from disagfusion.operator.spec import DEFAULT_IMAGE, MAX_SERVED_NAME, parse_spec, validate_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CRD = REPO / "crds" / "disagfusion.io_diffusionpipelines.yaml"
@@ -148,6 +148,25 @@ def test_the_schema_check_rejects_mistakes(mutate: Any, where: str) -> None:
     assert found and all(e.startswith(where) for e in found), found
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("servedName", ""),
+        ("servedName", "m"),
+        ("servedName", "m" * MAX_SERVED_NAME),
+        ("servedName", "m" * (MAX_SERVED_NAME + 1)),
+        ("servedName", 7),
+        ("image", ""),
+        ("image", "registry.example.com/w:1"),
+    ],
+)
+def test_the_schema_and_the_operator_agree_on_strings(key: str, value: Any) -> None:
+    """spec.model.servedName and spec.image: the CRD rejects exactly what the operator does."""
+    obj = copy.deepcopy(example("tiny-local.yaml"))
+    (obj["spec"]["model"] if key == "servedName" else obj["spec"])[key] = value
+    assert bool(errors(obj)) == bool(validate_spec(obj["spec"])), (errors(obj), key, value)
+
+
 def test_preserved_fields_stay_open() -> None:
     obj = copy.deepcopy(example("sd3-gpu.yaml"))
     obj["spec"]["model"]["volume"] = {"nfs": {"server": "nfs.local", "path": "/models"}}
@@ -218,3 +237,61 @@ def test_the_operator_renders_the_tiny_pipeline_on_cpu() -> None:
         (container,) = body["spec"]["template"]["spec"]["containers"]
         assert "cuda" not in container["args"]
         assert "builtin:tiny-unet" in container["args"]
+
+
+def images(obj: dict[str, Any], default_image: str = DEFAULT_IMAGE) -> set[str]:
+    owner = Owner(obj["metadata"]["name"], "default", "uid-1")
+    children = render_all(owner, parse_spec(obj["spec"], default_image=default_image))
+    return {
+        c.body["spec"]["template"]["spec"]["containers"][0]["image"]
+        for c in children
+        if c.kind in ("StatefulSet", "Deployment")
+    }
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run_the_operators_worker_image(path: Path) -> None:
+    """No image in an example: applied unchanged, it runs the chart's workerImage."""
+    for obj in pipelines(path):
+        spec = obj["spec"]
+        assert "image" not in spec and "image" not in spec.get("gateway", {})
+        assert all("image" not in s for s in spec.get("stages", {}).values())
+        assert images(obj) == {DEFAULT_IMAGE}
+        assert images(obj, "registry.example.com/w:2") == {"registry.example.com/w:2"}
+
+
+def comment_lines(path: Path) -> set[str]:
+    return {
+        line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")
+    }
+
+
+def build_steps(worker_build: str = "docker build -f worker/Dockerfile") -> list[str]:
+    """What makes the chart's default images exist on kind (values.yaml, Chart.yaml)."""
+    chart = REPO / "charts" / "disagfusion"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    tag = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    worker = f"{values['workerImage']['repository']}:{tag}"
+    operator = f"{values['image']['repository']}:{tag}"
+    return [
+        f"{worker_build} -t {worker} .",
+        f"docker build -f operator/Dockerfile -t {operator} .",
+        f"kind load docker-image {worker} {operator}",
+    ]
+
+
+CUDA_WORKER = (
+    "docker build -f worker/Dockerfile "
+    "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128"
+)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_comments_build_and_load_the_images_first(path: Path) -> None:
+    # The GPU example needs a worker with CUDA torch; the others the default CPU build.
+    steps = build_steps(CUDA_WORKER if "gpu" in path.name else "docker build -f worker/Dockerfile")
+    lines = comment_lines(path)
+    missing = [step for step in steps if step not in lines]
+    assert not missing, f"{path.name} lacks {missing}"
+    assert any(line.startswith("helm install disagfusion charts/disagfusion") for line in lines)
+    assert "ghcr.io" not in path.read_text()

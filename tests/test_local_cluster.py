@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,14 +18,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from disagfusion.worker.client import generate_in_process
-from disagfusion.worker.launcher import LocalCluster, free_port
+from disagfusion.worker.launcher import LocalCluster
 from tests.cluster_utils import (
     decode_pngs,
     generate,
@@ -36,6 +34,7 @@ from tests.cluster_utils import (
     scrape,
     start_cluster,
 )
+from tests.serve_local import ServeLocal, children_of, wait_gone, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -252,92 +251,36 @@ def test_full_pipeline_answers_429_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_serve_local_stops_every_child_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    proc = _serve_local(port, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 240
-        for line in proc.stdout:
-            if "serving" in line:
-                break
-            assert time.monotonic() < deadline
-        children = _children_of(proc.pid)
+    with ServeLocal(tmp_path) as server:
+        server.wait_serving()
+        children = children_of(server.proc.pid)
         assert len(children) == 4  # gateway + three stages
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+        assert time.monotonic() - started < 20, "an idle pipeline stops in seconds"
         for pid in children:
-            _wait_gone(pid)
+            wait_gone(pid)
         with socket.socket() as s:
             # Nothing listens on the gateway's port any more (SO_REUSEADDR, as
             # servers bind, looks past connections left in TIME_WAIT).
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("127.0.0.1", port))
+            s.bind(("127.0.0.1", server.port))
             s.listen()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    # Stopped in pipeline order, nobody saw a peer vanish: no warnings in any log.
+    for log in tmp_path.glob("*.log"):
+        warnings = [line for line in log.read_text().splitlines() if " WARNING " in line]
+        assert not warnings, (log.name, warnings)
 
 
 def test_children_die_with_a_killed_launcher(tmp_path: Path) -> None:
-    proc = _serve_local(free_port(), tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while len(_children_of(proc.pid)) < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    children = _children_of(proc.pid)
-    proc.kill()
-    proc.wait()
-    for pid in children:
-        _wait_gone(pid)
-
-
-def _serve_local(port: int, log_dir: Path, **popen: Any) -> subprocess.Popen[Any]:
-    """`disagfusion serve --local` as a child process, the way a user starts it."""
-    argv = [
-        sys.executable,
-        "-m",
-        "disagfusion",
-        "serve",
-        "--local",
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-        "--log-dir",
-        str(log_dir),
-    ]
-    return subprocess.Popen(argv, **popen)
-
-
-def _children_of(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            kids.append(int(entry))
-    return kids
-
-
-def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return
-        if state == "Z":
-            return  # exited; only its parent's bookkeeping is left
-        time.sleep(0.1)
-    raise AssertionError(f"process {pid} still running")
+    with ServeLocal(tmp_path) as server:
+        wait_until("four children", lambda: len(children_of(server.proc.pid)) == 4, 60)
+        children = children_of(server.proc.pid)
+        server.proc.kill()
+        server.proc.wait()
+        for pid in children:
+            wait_gone(pid)
 
 
 def test_grpc_generate_gives_the_same_image_as_http(cluster: LocalCluster) -> None:
@@ -361,44 +304,6 @@ def test_grpc_generate_gives_the_same_image_as_http(cluster: LocalCluster) -> No
     assert len(reply.images) == 1 and reply.request_id
     from_grpc = np.asarray(Image.open(io.BytesIO(reply.images[0].png)))
     assert np.array_equal(from_grpc, decode_pngs(http)[0])
-
-
-def test_bench_prints_one_json_object_per_mode(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "disagfusion",
-            "bench",
-            "--json",
-            "--requests",
-            "2",
-            "--warmup",
-            "0",
-            "--concurrency",
-            "2",
-            "--size",
-            "64x64",
-            "--steps",
-            "2",
-            "--handoff-delay-ms",
-            "5",
-            "--log-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
-    report = json.loads(out.stdout)
-    assert set(report) == {"async", "sync", "monolithic"}
-    for mode, result in report.items():
-        assert result["completed"] == 2 and result["failed"] == 0, mode
-        assert result["throughput_rps"] > 0
-        assert 0 < result["latency_p50_s"] <= result["latency_p95_s"]
-    assert report["monolithic"]["handoff_delay_ms"] == 0
-    assert report["async"]["handoff_delay_ms"] == 5
 
 
 def test_serve_local_refuses_a_port_in_use() -> None:

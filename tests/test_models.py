@@ -99,6 +99,25 @@ def test_cfg_off_sends_no_negative_embeddings(stages, source: str) -> None:
 
 
 @pytest.mark.parametrize("source", BUILTINS)
+def test_each_image_of_a_batch_is_reproduced_alone_by_its_own_seed(stages, source: str) -> None:
+    batch = GenerationParams(prompt="a cat", num_inference_steps=3, seed=5, num_images=2)
+    assert batch.image_seeds() == [5, 6]
+    _, _, chained = run_chain(stages, source, batch)
+    mono = stages[source, "monolithic"].run(batch, {})["images"]
+    assert not torch.equal(mono[0], mono[1])
+    for i, seed in enumerate(batch.image_seeds()):
+        alone = GenerationParams(prompt="a cat", num_inference_steps=3, seed=seed)
+        one = stages[source, "monolithic"].run(alone, {})["images"][0]
+        # Batched and single convolutions may round differently: 1/255 at most.
+        assert max_diff(mono[i], one) <= 1 and max_diff(chained[i], one) <= 1
+
+
+def test_image_seeds_wrap_within_the_accepted_range() -> None:
+    params = GenerationParams(prompt="a cat", seed=2**63 - 1, num_images=2)
+    assert params.image_seeds() == [2**63 - 1, 0]
+
+
+@pytest.mark.parametrize("source", BUILTINS)
 def test_seed_changes_the_image(stages, source: str) -> None:
     base = GenerationParams(prompt="a cat", num_inference_steps=2)
     first = stages[source, "monolithic"].run(base, {})["images"]

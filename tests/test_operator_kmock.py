@@ -28,6 +28,7 @@ from disagfusion.operator.handlers import Context, build_registry
 from disagfusion.operator.kube import Kube
 from disagfusion.operator.metrics import OperatorMetrics
 from disagfusion.operator.render import HASH_ANNOTATION
+from tests.kubeconfig import kubeconfig_env
 
 # A hang fails fast instead of stalling the suite.
 pytestmark = pytest.mark.timeout(60)
@@ -142,9 +143,6 @@ class Cluster:
     async def operator(self, timer_interval: float = 0.5) -> AsyncIterator[None]:
         registry = build_registry(timer_interval=timer_interval)
 
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=self.url, insecure=True)
 
         settings = kopf.OperatorSettings()
         settings.watching.server_timeout = 60
@@ -154,6 +152,8 @@ class Cluster:
         ready = asyncio.Event()
         kube = Kube.for_host(self.url, timeout_s=5)
         memo = kopf.Memo(context=Context(kube=kube, metrics=self.metrics))
+        env = contextlib.ExitStack()
+        env.enter_context(kubeconfig_env(self.url))  # kopf logs in as in production
         task = asyncio.create_task(
             kopf.operator(
                 registry=registry,
@@ -172,6 +172,7 @@ class Cluster:
             stop.set()
             await asyncio.wait_for(task, WAIT_S)
             kube.close()
+            env.close()
 
 
 async def eventually(check: Callable[[], Any], timeout: float = WAIT_S) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from disagfusion import __version__
 from disagfusion.cli import build_parser
 from disagfusion.operator import conditions as cond
 from disagfusion.operator.kube import in_sync, is_subset
@@ -22,7 +23,14 @@ from disagfusion.operator.render import (
     render_all,
     topology,
 )
-from disagfusion.operator.spec import DEFAULT_IMAGE, SpecError, parse_spec, validate_spec
+from disagfusion.operator.spec import (
+    DEFAULT_IMAGE,
+    MAX_SERVED_NAME,
+    PipelineSpec,
+    SpecError,
+    parse_spec,
+    validate_spec,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CRD_PATH = REPO / "crds" / "disagfusion.io_diffusionpipelines.yaml"
@@ -56,6 +64,39 @@ def test_defaults() -> None:
     for stage in s.stages.values():
         assert (stage.replicas, stage.min_replicas, stage.max_replicas) == (1, 1, 1)
         assert stage.image == DEFAULT_IMAGE
+
+
+def test_the_fallback_image_is_the_one_the_readme_builds() -> None:
+    # Not an image of a registry nobody publishes to: what `docker build -t` makes.
+    assert f"disagfusion-worker:{__version__}" == DEFAULT_IMAGE
+
+
+def images(s: PipelineSpec) -> dict[str, str]:
+    """Workload -> its container's image."""
+    return {
+        f"{c.kind}/{c.name}": container(c.body)["image"]
+        for c in render_all(OWNER, s)
+        if c.kind in ("StatefulSet", "Deployment")
+    }
+
+
+def test_the_operators_worker_image_is_the_default() -> None:
+    """parse_spec's default_image (the operator's DISAGFUSION_WORKER_IMAGE) fills spec.image."""
+    s = parse_spec(spec(), default_image="registry.example.com/w:2")
+    assert s.image == s.gateway.image == "registry.example.com/w:2"
+    assert {st.image for st in s.stages.values()} == {"registry.example.com/w:2"}
+    assert set(images(s).values()) == {"registry.example.com/w:2"}
+    # The pipeline's own images win over the operator's.
+    own = parse_spec(
+        spec(image="mine:1", stages={"decoder": {"image": "dec:1"}}, gateway={"image": "gw:1"}),
+        default_image="registry.example.com/w:2",
+    )
+    assert images(own) == {
+        "StatefulSet/sd-encoder": "mine:1",
+        "StatefulSet/sd-denoiser": "mine:1",
+        "StatefulSet/sd-decoder": "dec:1",
+        "Deployment/sd-gateway": "gw:1",
+    }
 
 
 def test_replicas_alone_widen_max() -> None:
@@ -100,6 +141,13 @@ def test_replicas_alone_widen_max() -> None:
         (spec(model={"source": "x", "family": "gan"}), "spec.model.family"),
         (spec(gateway={"port": 70000}), "spec.gateway.port"),
         (spec(gateway={"apiKeySecretRef": {"key": "k"}}), "spec.gateway.apiKeySecretRef.name"),
+        (spec(image=""), "spec.image"),
+        (spec(model={"source": "x", "servedName": ""}), "spec.model.servedName"),
+        (spec(model={"source": "x", "servedName": 7}), "spec.model.servedName"),
+        (
+            spec(model={"source": "x", "servedName": "m" * (MAX_SERVED_NAME + 1)}),
+            "spec.model.servedName",
+        ),
     ],
 )
 def test_invalid_specs_name_the_field(raw: dict[str, Any], field: str) -> None:
@@ -338,6 +386,19 @@ def test_gateway_and_topology() -> None:
     topo = json.loads(children["ConfigMap/sd-topology"]["data"]["topology.json"])
     assert topo == topology("sd", "ml", s)
     assert topo["encoder"] == ["sd-encoder-0.sd-encoder.ml.svc:50051"]
+    assert args.served_model_name is None  # unset: the gateway's own default
+
+
+@pytest.mark.parametrize("name", ["sd3-medium", "org/Model.v2:latest", "m" * MAX_SERVED_NAME])
+def test_served_name_reaches_the_gateway_only(name: str) -> None:
+    s = parse_spec(spec(model={"source": "builtin:tiny-unet", "servedName": name}))
+    assert s.model.served_name == name
+    children = by_name(render_all(OWNER, s))
+    c = container(children["Deployment/sd-gateway"])
+    assert build_parser().parse_args(c["args"]).served_model_name == name
+    assert c["args"].count("--served-model-name") == 1
+    for stage in ("encoder", "denoiser", "decoder"):  # workers do not take the flag
+        assert "--served-model-name" not in container(children[f"StatefulSet/sd-{stage}"])["args"]
 
 
 def test_hash_is_stable_and_tracks_inputs() -> None:
@@ -490,7 +551,17 @@ def test_crd_schema_is_structural_and_matches_the_parser() -> None:
     gw = spec_schema["properties"]["gateway"]["properties"]
     assert gw["port"]["default"] == defaults.gateway.port
     assert gw["maxQueue"]["default"] == defaults.gateway.max_queue
-    assert spec_schema["properties"]["image"]["default"] == defaults.image
+    # No CRD default for spec.image: unset means the operator's worker image.
+    image = spec_schema["properties"]["image"]
+    assert "default" not in image and image["minLength"] == 1
+    assert "operator's worker image" in image["description"]
+    assert defaults.image == DEFAULT_IMAGE
+    served = model["properties"]["servedName"]
+    assert served["type"] == "string" and served["minLength"] == 1
+    assert served["maxLength"] == MAX_SERVED_NAME and "default" not in served
+    assert served["description"] == (
+        "public model id the gateway reports and accepts; default: the model's display name"
+    )
     assert (
         stage["properties"]["queueCapacity"]["default"]
         == defaults.stages["denoiser"].queue_capacity

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from disagfusion.cli import main
+from disagfusion.cli_plan import load_profile, plain_number, round_floats
 from disagfusion.operator.builtin_profiles import builtin_profile
 from disagfusion.operator.planner import (
     Plan,
@@ -25,6 +26,8 @@ from disagfusion.operator.profile import STAGES, Profile, RequestShape, parse_pr
 
 ONE_TYPE = {s: "G" for s in STAGES}
 UNIT = {s: 1 for s in STAGES}
+# The published balance rule as a shipped profile (docs/calibration.md).
+BALANCE_RULE = Path(__file__).resolve().parent.parent / "examples/profiles/balance-rule.yaml"
 
 
 def simple_profile(
@@ -62,7 +65,7 @@ def check_cost(profile: Profile, plan: Plan) -> None:
 
 
 def test_allocate_reproduces_the_published_balance_rule() -> None:
-    # t_d / t_e = 37.5, negligible decoder, 800 GPUs: E ≈ 21, D ≈ 779 (CALIBRATION.md).
+    # t_d / t_e = 37.5, negligible decoder, 800 GPUs: E ≈ 21, D ≈ 779 (docs/calibration.md).
     rates = {"encoder": 1.0, "denoiser": 1 / 37.5, "decoder": 1e4}
     n = allocate(rates, UNIT, ONE_TYPE, 800, UNIT)
     assert n == {"encoder": 21, "denoiser": 778, "decoder": 1}
@@ -138,8 +141,17 @@ def test_allocate_starts_at_the_minimum_even_past_the_budget() -> None:
 # --- plan_for_gpus -------------------------------------------------------------
 
 
+def test_the_shipped_balance_rule_profile_is_37_5_to_1() -> None:
+    profile = load_profile(str(BALANCE_RULE))
+    times = {s: profile.service_time(s, "gpu", profile.default_request) for s in STAGES}
+    assert times["denoiser"] / times["encoder"] == pytest.approx(37.5)
+    assert times["decoder"] < times["encoder"] / 1000  # negligible
+    assert profile.default_gpus == 800
+    assert "docs/calibration.md" in profile.source
+
+
 def test_plan_for_gpus_balance_rule_800_gpus() -> None:
-    profile = parse_profile(simple_profile())  # t_e 0.4 s, t_d 15 s: 37.5x
+    profile = load_profile(str(BALANCE_RULE))  # t_e 0.4 s, t_d 15 s: 37.5x
     plan = plan_for_gpus(profile, 800)
     assert plan.stages["encoder"].replicas == 21
     assert plan.stages["denoiser"].replicas == 778
@@ -255,27 +267,76 @@ def test_mean_service_times_weights_the_mix() -> None:
 def test_cli_plan_json_balance_rule_from_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], suffix: str
 ) -> None:
-    path = tmp_path / f"rule{suffix}"
-    data = simple_profile()
-    path.write_text(yaml.safe_dump(data) if suffix == ".yaml" else json.dumps(data))
+    path = BALANCE_RULE
+    if suffix == ".json":  # the same profile as JSON
+        path = tmp_path / "balance-rule.json"
+        path.write_text(json.dumps(yaml.safe_load(BALANCE_RULE.read_text())))
     assert main(["plan", "--profile", str(path), "--gpus", "800", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["stages"]["encoder"] == {
         "replicas": 21,
-        "accelerator": "G",
+        "accelerator": "gpu",
         "gpus_per_instance": 1,
         "service_time_s": 0.4,
-        "throughput_rps": pytest.approx(52.5),
+        "throughput_rps": 52.5,
     }
     assert doc["stages"]["denoiser"]["replicas"] == 778
     assert doc["bottleneck"] == "denoiser" and doc["gpus"] == 800
-    assert doc["throughput_rps"] == pytest.approx(51.87, abs=0.01)
+    assert doc["throughput_rps"] == 51.867  # 778 / 15 to 5 significant digits
+    assert (doc["cost_per_hour"], doc["currency"]) == (1600.0, "USD")
+
+
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, float):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [f for v in value for f in _floats(v)] if isinstance(value, list) else []
+
+
+def test_cli_plan_json_has_no_float_noise(capsys: pytest.CaptureFixture[str]) -> None:
+    # The builtin coefficients are rounded: unrounded, the times print as 25.299998, 0.309999.
+    assert main(["plan", "--profile", "builtin:qwen-image-h100", "--gpus", "64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    stages = doc["stages"]
+    assert stages["denoiser"]["service_time_s"] == 25.3
+    assert stages["decoder"]["service_time_s"] == 0.31
+    assert stages["denoiser"]["throughput_rps"] == 2.4506
+    for value in _floats(doc):
+        assert len(repr(value).lstrip("0.").replace(".", "").rstrip("0")) <= 5, value
+    assert (doc["cost_per_hour"], doc["currency"]) == (160.0, "USD")
+
+
+def test_round_floats_keeps_money_to_the_cent() -> None:
+    doc = {"a": 25.299998, "n": [0.3099988, 7, True], "cost_per_hour": 2678125.25, "s": "x"}
+    assert round_floats(doc) == {
+        "a": 25.3,
+        "n": [0.31, 7, True],
+        "cost_per_hour": 2678125.25,
+        "s": "x",
+    }
+    assert round_floats(math.inf) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (51.866667, "51.87"),
+        (52.5, "52.50"),
+        (25000.0, "25000"),
+        (38655.4, "38655"),
+        (0.0004, "0.0004000"),
+    ],
+)
+def test_plain_number_has_no_exponent(value: float, text: str) -> None:
+    assert plain_number(value) == text
 
 
 def test_cli_plan_human_table_and_rate(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--profile", "builtin:qwen-image-h100-l40s"]) == 0  # default budget
     out = capsys.readouterr().out
     assert "64 GPUs" in out and "bottleneck denoiser" in out
+    assert "cost $" in out and "/h" in out  # in USD, the profiles' currency
     assert [line.split()[:3] for line in out.splitlines()[2:5]] == [
         ["encoder", "1", "L40S"],
         ["denoiser", "32", "H100"],
@@ -296,7 +357,7 @@ def test_cli_plan_uses_the_trace_mix(tmp_path: Path, capsys: pytest.CaptureFixtu
     profile = builtin_profile("qwen-image-h100")
     mix = ((RequestShape(512, 512, 1, 20), 0.75), (profile.default_request, 0.25))
     want = mean_service_times(profile, dict.fromkeys(STAGES, "H100"), mix)["denoiser"]
-    assert doc["stages"]["denoiser"]["service_time_s"] == pytest.approx(want, rel=1e-5)
+    assert doc["stages"]["denoiser"]["service_time_s"] == pytest.approx(want, rel=1e-4)
 
 
 def _bad_profile(tmp_path: Path) -> str:
@@ -310,8 +371,12 @@ def _bad_profile(tmp_path: Path) -> str:
     [
         (["--profile", "missing.yaml", "--gpus", "8"], "cannot read missing.yaml"),
         (["--profile", "BAD", "--gpus", "8"], "stages.denoiser: required"),
+        (["--profile", "UNPARSABLE", "--gpus", "8"], "not valid YAML"),
         (["--profile", "builtin:nope", "--gpus", "8"], "unknown profile builtin:nope"),
         (["--profile", "builtin:qwen-image-h100", "--gpus", "2"], "at least 3"),
+        (["--profile", "builtin:qwen-image-h100", "--gpus", "-1"], "at least 3"),
+        (["--profile", "builtin:qwen-image-h100", "--gpus", "100000000"], "at most 1,000,000"),
+        (["--profile", "builtin:qwen-image-h100", "--rate", "10000"], "more than 100,000"),
         (["--profile", "builtin:qwen-image-h100", "--rate", "-1"], "positive"),
         (["--profile", "builtin:qwen-image-h100", "--rate", "1", "--slo", "fast"], "SLO"),
         (
@@ -325,8 +390,30 @@ def _bad_profile(tmp_path: Path) -> str:
 def test_cli_plan_bad_input_exits_2_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    args = [_bad_profile(tmp_path) if a == "BAD" else a for a in args]
-    assert main(["plan", *args]) == 2
+    unparsable = tmp_path / "unparsable.yaml"
+    unparsable.write_text("a: [1,\nb: {")
+    files = {"BAD": _bad_profile(tmp_path), "UNPARSABLE": str(unparsable)}
+    assert main(["plan", *[files.get(a, a) for a in args]]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and message in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err  # one line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gpus", "-1"], "the following arguments are required: --profile"),
+        (["--profile", "builtin:qwen-image-h100", "--gpus", "many"], "invalid int value"),
+        (["--profile", "builtin:qwen-image-h100", "--gpus", "4", "--rate", "1"], "not allowed"),
+    ],
+)
+def test_cli_plan_usage_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err  # no usage block before it
+    assert err.startswith("disagfusion plan: error: ") and "--help" in err

@@ -223,7 +223,8 @@ def test_profile_show_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     listed = capsys.readouterr().out
     assert all(f"builtin:{name}" in listed for name in BUILTIN_PROFILES)
     assert main(["profile", "--show", "builtin:nope"]) == 2
-    assert "unknown profile" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown profile builtin:nope") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(
@@ -240,3 +241,22 @@ def test_profile_bad_input_exits_2(
     assert main(["profile", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "one of the arguments --model --show --list is required"),
+        (["--list", "--show", "builtin:qwen-image-h100"], "not allowed with"),
+        (["--model", "builtin:tiny-unet", "--repeats", "two"], "invalid int value"),
+    ],
+)
+def test_profile_usage_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["profile", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disagfusion profile: error: ") and message in err
+    assert err.count("\n") == 1, err  # no usage block before the message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -815,15 +816,15 @@ async def start_gateway(
     cluster: Cluster, first_stage_addr: str, **config: object
 ) -> tuple[Gateway, TestClient]:
     result_port = free_port()
+    settings: dict[str, Any] = {"limits": LIMITS, **config}
     gateway = Gateway(
         GatewayConfig(
             model="fake-model",
-            limits=LIMITS,
             first_stage="encoder",
             stage_addrs={"encoder": [first_stage_addr]},
             result_address=f"{HOST}:{result_port}",
             pipeline=PIPELINE,
-            **config,  # type: ignore[arg-type]
+            **settings,
         )
     )
     await cluster.serve(gateway, result_port)
@@ -862,8 +863,111 @@ async def test_gateway_returns_images_as_b64(cluster: Cluster) -> None:
     body = await resp.json()
     assert resp.status == 200, body
     assert [base64.b64decode(d["b64_json"]) for d in body["data"]] == [PNG + b"\x00", PNG + b"\x01"]
-    assert [d["seed"] for d in body["data"]] == [7, 7]
+    assert [d["seed"] for d in body["data"]] == [7, 8]  # each image's own seed
     assert resp.headers["X-Request-Id"] == first.received[0]
+
+
+async def test_gateway_uses_the_clients_request_id(cluster: Cluster) -> None:
+    first, addr = await fake_first_stage(cluster)
+    gateway, client = await start_gateway(cluster, addr)
+    await ready(gateway)
+
+    for _ in range(2):  # a reused id is still two requests in the pipeline
+        resp = await client.post(
+            GENERATIONS, json={"prompt": "a cat"}, headers={"X-Request-Id": "trace-42"}
+        )
+        assert resp.status == 200, await resp.json()
+        assert resp.headers["X-Request-Id"] == "trace-42"
+    assert len(first.received) == 2 and len(set(first.received)) == 2
+    assert all(rid.startswith("trace-42.") for rid in first.received)
+
+    resp = await client.post(
+        GENERATIONS, json={"prompt": "a cat"}, headers={"X-Request-Id": "bad id\twith tab"}
+    )
+    body = await resp.json()
+    assert resp.status == 400 and body["error"]["param"] == "X-Request-Id", body
+    assert resp.headers["X-Request-Id"]  # a fresh one, even on this error
+    assert len(first.received) == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/", 404, "not_found"),
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("POST", "/v1/models", 405, "method_not_allowed"),
+        ("GET", GENERATIONS, 405, "method_not_allowed"),
+        ("GET", "/v1/models/other-model", 404, "model_not_found"),
+    ],
+)
+async def test_every_error_is_openai_shaped_json_with_a_request_id(
+    cluster: Cluster, method: str, path: str, status: int, code: str
+) -> None:
+    _, addr = await fake_first_stage(cluster)
+    _, client = await start_gateway(cluster, addr)
+
+    resp = await client.request(method, path)
+    body = await resp.json()
+    assert resp.status == status, body
+    assert resp.content_type == "application/json"
+    assert body["error"]["code"] == code and body["error"]["message"]
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert resp.headers["X-Request-Id"]
+    if status == 405:
+        assert resp.headers["Allow"]
+
+
+async def test_models_list_and_retrieve_by_id_or_alias(cluster: Cluster) -> None:
+    _, addr = await fake_first_stage(cluster)
+    limits = dataclasses.replace(LIMITS, model_aliases=("builtin:fake", "org/fake-model"))
+    _, client = await start_gateway(cluster, addr, limits=limits)
+
+    listing = await (await client.get("/v1/models")).json()
+    assert [m["id"] for m in listing["data"]] == ["fake-model"]
+    card = listing["data"][0]
+    assert card["object"] == "model" and isinstance(card["created"], int)
+    for name in ("fake-model", "builtin:fake", "org/fake-model"):
+        resp = await client.get(f"/v1/models/{name}")
+        assert resp.status == 200 and (await resp.json()) == card
+
+
+async def test_a_draining_gateway_refuses_new_requests_with_503_and_retry_after(
+    cluster: Cluster,
+) -> None:
+    first, addr = await fake_first_stage(cluster)
+    first.mode = "silent"
+    gateway, client = await start_gateway(cluster, addr)
+    await ready(gateway)
+    accepted = asyncio.create_task(client.post(GENERATIONS, json={"prompt": "accepted"}))
+    await wait_until(lambda: gateway.pending_count == 1, "request accepted")
+
+    draining = asyncio.create_task(gateway.drain(timeout_s=0.3))
+    await asyncio.sleep(0)
+    resp = await client.post(GENERATIONS, json={"prompt": "late"})
+    body = await resp.json()
+    assert resp.status == 503 and int(resp.headers["Retry-After"]) >= 1, body
+    assert "shutting down" in body["error"]["message"]
+    assert (await client.get("/readyz")).status == 503
+
+    assert await draining is False  # the accepted one never finished ...
+    await gateway.stop()  # ... so it is answered explicitly
+    resp = await asyncio.wait_for(accepted, WAIT_S)
+    assert resp.status == 503, await resp.json()
+    assert "shut down before this request finished" in (await resp.json())["error"]["message"]
+
+
+async def test_a_stage_that_was_ready_and_restarts_still_admits_requests(cluster: Cluster) -> None:
+    first, addr = await fake_first_stage(cluster)
+    gateway, client = await start_gateway(cluster, addr)
+    await ready(gateway)
+    # The only first-stage instance goes away (a crashed worker being restarted).
+    await cluster.servers[0].stop(0)
+    await wait_until(lambda: not gateway.readiness()[0], "gateway sees the stage gone")
+    waiting = asyncio.create_task(client.post(GENERATIONS, json={"prompt": "during restart"}))
+    await wait_until(lambda: gateway.pending_count == 1, "request admitted, not refused")
+    await cluster.serve(first, int(addr.rsplit(":", 1)[1]))  # back on the same port
+    resp = await asyncio.wait_for(waiting, WAIT_S * 2)
+    assert resp.status == 200, await resp.json()
 
 
 async def test_gateway_answers_429_with_retry_after_when_the_pipeline_is_full(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from disagfusion.cli import main
+from disagfusion.cli_simulate import AcceleratorLog, plot_context
 from disagfusion.operator.baselines import Load, make_policy, static_disagg
 from disagfusion.operator.builtin_profiles import builtin_profile
 from disagfusion.operator.profile import STAGES, Profile, RequestShape, parse_profile
@@ -247,6 +250,9 @@ def test_simulate_list_json(capsys: pytest.CaptureFixture[str]) -> None:
         (["--trace", "GOOD", "--policy", "magic"], "unknown policy"),
         (["--trace", "GOOD", "--slo", "fast"], "SLO"),
         (["--trace", "GOOD", "--profile", "builtin:nope"], "unknown profile"),
+        (["--trace", "GOOD", "--gpus", "0"], "--gpus must be >= 1"),
+        (["--trace", "GOOD", "--gpus", "2000000"], "<= 1,000,000"),
+        (["--dump-trace", "builtin:steady", "--profile", "nope.yaml"], "cannot read nope.yaml"),
     ],
 )
 def test_simulate_errors_exit_2_without_a_traceback(
@@ -261,7 +267,38 @@ def test_simulate_errors_exit_2_without_a_traceback(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--trace", "builtin:steady", "--gpus", "many"], "argument --gpus: invalid int value"),
+        (["--seed"], "expected one argument"),
+    ],
+)
+def test_simulate_usage_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["simulate", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disagfusion simulate: error: ") and message in err
+    assert err.count("\n") == 1, err  # no usage block before the message
+
+
+def test_dump_trace_without_a_profile_uses_the_documented_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bare, explicit = tmp_path / "bare.jsonl", tmp_path / "explicit.jsonl"
+    argv = ["simulate", "--dump-trace", "builtin:burst", "--requests", "40"]
+    assert main([*argv, "-o", str(bare)]) == 0
+    assert "qwen-image-h100 on 64 GPUs" in capsys.readouterr().err  # says what it used
+    assert main([*argv, "--profile", "builtin:qwen-image-h100", "-o", str(explicit)]) == 0
+    assert bare.read_text() == explicit.read_text()
+    rows = [json.loads(line) for line in bare.read_text().splitlines()]
+    assert rows and all((r["width"], r["steps"]) == (1328, 50) for r in rows)
 
 
 def test_dump_trace_writes_a_file_simulate_reads_back(
@@ -279,6 +316,14 @@ def test_dump_trace_writes_a_file_simulate_reads_back(
     assert json.loads(capsys.readouterr().out)["requests"] == len(lines)
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
 def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("matplotlib")
     trace = write_trace(tmp_path / "t.jsonl", 20)
@@ -286,8 +331,89 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     argv = ["simulate", "--trace", str(trace), "--profile", "builtin:qwen-image-h100"]
     argv += ["--gpus", "8", "--policy", "static-disagg,threshold", "--plot", str(png)]
     assert main(argv) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = png_size(png)
+    assert height >= 2 * 250 and width <= 2.5 * height  # two rows, not a strip
     assert "static-disagg" in capsys.readouterr().out
+
+
+def test_plot_gives_every_policy_a_readable_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "six.png"
+    argv = ["simulate", "--trace", "builtin:mix-shift", "--profile", "builtin:qwen-image-h100-l40s"]
+    argv += ["--requests", "30", "--plot", str(png)]  # all six policies
+    assert main(argv) == 0
+    width, height = png_size(png)
+    assert height >= 6 * 250  # a one-row strip was 2772 x 715
+    assert 0.5 <= width / height <= 1.5 and width >= 1000
+    assert png.stat().st_size > 50_000  # something is drawn
+
+
+def mixed_pool_results() -> tuple[Profile, list[TraceRequest], list[SimResult], dict[str, Any]]:
+    profile = builtin_profile("qwen-image-h100-l40s")
+    requests = builtin_trace("steady", profile, 64, requests=60)
+    cfg = SimConfig(gpus=64, slo="60s", max_queue=640, record=True)
+    results, used = [], {}
+    for name in ("static-disagg", "static-monolithic"):
+        policy = AcceleratorLog(make_policy(name, profile, requests, 64, "60s"))
+        results.append(simulate(profile, requests, policy, cfg))
+        used[name] = policy.used
+    return profile, requests, results, used
+
+
+def test_the_accelerator_log_records_each_pools_type() -> None:
+    _, _, results, used = mixed_pool_results()
+    assert used["static-disagg"] == {"encoder": ["L40S"], "denoiser": ["H100"], "decoder": ["L40S"]}
+    assert used["static-monolithic"] == {"monolithic": ["H100"]}
+    assert [r.policy for r in results] == ["static-disagg", "static-monolithic"]
+
+
+def legend_texts(ax: Any) -> list[str]:
+    legend = ax.get_legend()
+    assert legend is not None
+    return [str(x.get_text()) for x in legend.get_texts()]
+
+
+def test_the_figure_names_types_draws_the_slo_and_the_arrival_rate() -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.lines import Line2D
+
+    from disagfusion.operator.plot import build_figure
+
+    profile, requests, results, used = mixed_pool_results()
+    fig = build_figure(results, plot_context("t", profile, requests, "60s", used))
+    FigureCanvasAgg(fig).draw()
+    instances, latency, twin = fig.axes[0], fig.axes[1], fig.axes[4]  # twins come last
+    labels = legend_texts(instances)
+    assert labels == ["encoder (L40S)", "denoiser (H100)", "decoder (L40S)", "arrivals (req/s)"]
+    assert legend_texts(fig.axes[2])[0] == "monolithic (H100)"
+    legend = instances.get_legend()
+    assert legend is not None
+    pools = [h for h in legend.legend_handles if isinstance(h, Line2D)]  # not the arrivals
+    styles = {(h.get_color(), h.get_linestyle(), h.get_marker()) for h in pools}
+    assert len(styles) == 3  # equal counts of two stages stay distinguishable
+    markers = [ln.get_xdata() for ln in instances.lines if ln.get_linestyle() == "None"]
+    assert len(markers) == 3 and len({float(np.asarray(m)[0]) for m in markers}) == 3  # apart
+    slo = [ln for ln in latency.lines if ln.get_label() == "SLO 60s"]
+    assert slo and set(np.asarray(slo[0].get_ydata(), dtype=float).tolist()) == {60.0}
+    assert twin.get_ylabel() == "arrivals (req/s)" and twin.collections
+    for ax in fig.axes:
+        ticks = [x.get_text() for x in ax.get_xticklabels() + ax.get_yticklabels()]
+        assert not any("e" in x or "\\times" in x for x in ticks), ticks  # no 1e4, no 10^x
+        assert ax.yaxis.get_offset_text().get_text() == ""
+
+
+def test_plot_context_for_a_slowdown_slo_and_one_accelerator_type() -> None:
+    pytest.importorskip("matplotlib")
+    requests = at([0.0, 1.0])
+    ctx = plot_context("t", QWEN, requests, "2x", {"hybrid": {"denoiser": ["H100"]}})
+    unloaded = QWEN.unloaded_latency(QWEN.default_request, dict.fromkeys(STAGES, "H100"))
+    assert ctx.slo_s == pytest.approx(2 * unloaded)
+    assert "2x" in ctx.slo_label
+    assert ctx.accelerators == {}  # one type: the legend says just "denoiser"
+    assert list(ctx.arrivals) == [0.0, 1.0]
 
 
 def test_an_accelerator_move_replaces_the_pool_and_keeps_counts() -> None:

@@ -18,7 +18,8 @@ Error codes (``ApiError.code``):
   (``response_format: "url"``, ``stream: true``, jpeg/webp, transparent background).
 * ``invalid_size``      - ``size`` is malformed or outside the served limits.
 * ``out_of_range``      - a number or a text length outside its bounds.
-* ``model_not_found``   - ``model`` names a model other than the served one (HTTP 404).
+* ``model_not_found``   - ``model`` names a model other than the served one or one of its
+  aliases (HTTP 404).
 
 JSON ``null`` for an optional field means "use the default", as in OpenAI's API.
 """
@@ -128,6 +129,9 @@ class RequestLimits:
     """
 
     served_model: str
+    # Other names a request's `model` may use: the source the server was started
+    # with (builtin name, local path, hub id) and the model's display name.
+    model_aliases: tuple[str, ...] = ()
     default_size: tuple[int, int]
     size_multiple: int
     max_size: int
@@ -393,7 +397,7 @@ def parse_images_request(
                 f"Invalid 'model': expected a string, got {_show(model)}.",
                 "invalid_type",
             )
-        if model != limits.served_model:
+        if model != limits.served_model and model not in limits.model_aliases:
             raise _bad(
                 "model",
                 f"The model {_show(model)} does not exist here; "

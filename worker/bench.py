@@ -6,6 +6,7 @@ Each mode runs the same request stream against a fresh local server:
 - monolithic: the same number of processes, each running the whole pipeline.
 `--handoff-delay-ms` emulates network time per hand-off between stages;
 `auto` sets it to half the denoiser's measured compute time per request.
+`--json` prints one object: {"params": the run's settings, "modes": mode -> result}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from disagfusion.cli_common import int_at_least, non_negative_float
 from disagfusion.worker.client import post_json
 from disagfusion.worker.launcher import LocalCluster, LocalOptions, free_port
 
@@ -40,6 +43,50 @@ class ModeResult:
     processes: int
     handoff_delay_ms: float
     wall_s: float
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    """What a run measured with: the `params` of the JSON report (flag names, resolved)."""
+
+    model: str
+    size: str
+    steps: int
+    prompt: str
+    requests: int
+    concurrency: int
+    warmup: int
+    encoders: int
+    denoisers: int
+    decoders: int
+    threads: int
+    handoff_delay_ms: float  # applied to async and sync (monolithic has no hand-off)
+    handoff_delay_auto: bool  # the delay came from --handoff-delay-ms auto
+    handoff_jitter_ms: float
+
+
+def bench_params(args: argparse.Namespace, delay_ms: float) -> BenchParams:
+    return BenchParams(
+        model=args.model,
+        size=args.size,
+        steps=args.steps,
+        prompt=args.prompt,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        warmup=args.warmup,
+        encoders=args.encoders,
+        denoisers=args.denoisers,
+        decoders=args.decoders,
+        threads=args.threads,
+        handoff_delay_ms=delay_ms,
+        handoff_delay_auto=args.handoff_delay_ms == "auto",
+        handoff_jitter_ms=args.handoff_jitter_ms,
+    )
+
+
+def report(params: BenchParams, results: dict[str, ModeResult]) -> dict[str, Any]:
+    """The --json output: the settings once, then one result per mode run (in run order)."""
+    return {"params": asdict(params), "modes": {mode: asdict(r) for mode, r in results.items()}}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -143,28 +190,72 @@ def run_mode(
     return result, denoise_s
 
 
+def _milliseconds(text: str) -> float:
+    try:
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds >= 0, got {text!r}") from None
+
+
+def _delay(text: str) -> str:
+    """'auto' or milliseconds, kept as text: run_bench_command resolves 'auto'."""
+    return text if text == "auto" else str(_milliseconds(text))
+
+
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON on stdout")
-    p.add_argument("--model", default="builtin:tiny-unet")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--requests", type=int, default=24)
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--size", default="128x128")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--prompt", default="a red fox in the snow")
-    p.add_argument("--encoders", type=int, default=1)
-    p.add_argument("--denoisers", type=int, default=1)
-    p.add_argument("--decoders", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
+    p.add_argument(
+        "--json", action="store_true", help='print {"params": ..., "modes": ...} on stdout'
+    )
+    p.add_argument("--model", default="builtin:tiny-unet", help="model every mode serves")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated modes to run, in this order (monolithic runs "
+        "encoders + denoisers + decoders whole-pipeline processes)",
+    )
+    p.add_argument(
+        "--requests", type=int_at_least(1), default=24, help="measured requests per mode"
+    )
+    p.add_argument(
+        "--concurrency", type=int_at_least(1), default=4, help="requests in flight at once"
+    )
+    p.add_argument(
+        "--warmup", type=int_at_least(0), default=2, help="unmeasured requests first, one at a time"
+    )
+    p.add_argument("--size", default="128x128", help="image size WIDTHxHEIGHT of every request")
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="denoising steps per request")
+    p.add_argument("--prompt", default="a red fox in the snow", help="prompt of every request")
+    p.add_argument(
+        "--encoders", type=int_at_least(1), default=1, help="encoder processes (async, sync)"
+    )
+    p.add_argument(
+        "--denoisers", type=int_at_least(1), default=1, help="denoiser processes (async, sync)"
+    )
+    p.add_argument(
+        "--decoders", type=int_at_least(1), default=1, help="decoder processes (async, sync)"
+    )
+    p.add_argument(
+        "--threads", type=int_at_least(1), default=1, help="torch threads per worker process"
+    )
     p.add_argument(
         "--handoff-delay-ms",
+        type=_delay,
         default="0",
         help="emulated delay per hand-off between stages, or 'auto' "
         "(half the denoiser's compute time per request)",
     )
-    p.add_argument("--handoff-jitter-ms", type=float, default=0.0)
-    p.add_argument("--log-dir", type=Path, default=None)
+    p.add_argument(
+        "--handoff-jitter-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="uniform jitter around the hand-off delay (async, sync)",
+    )
+    p.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="directory for the processes' logs (unset: a new temporary directory)",
+    )
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -199,5 +290,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
         ratio = results["async"].throughput_rps / results["sync"].throughput_rps
         print(f"async / sync throughput: {ratio:.2f}x", file=sys.stderr)
     if args.json:
-        print(json.dumps({mode: asdict(r) for mode, r in results.items()}, indent=2))
+        print(json.dumps(report(bench_params(args, delay_ms), results), indent=2))
     return 0 if all(r.failed == 0 for r in results.values()) else 1

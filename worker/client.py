@@ -13,13 +13,15 @@ class ClientError(Exception):
     """The server (or the request) said no; the message says why."""
 
 
-def post_json(url: str, body: dict[str, Any], timeout_s: float = 600.0) -> tuple[int, Any]:
+def post_json(
+    url: str, body: dict[str, Any], timeout_s: float = 600.0, api_key: str | None = None
+) -> tuple[int, Any]:
     """POST JSON; returns (status, decoded body) for any HTTP status."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json"},
+        url, data=json.dumps(body).encode(), method="POST", headers=headers
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
@@ -32,10 +34,15 @@ def post_json(url: str, body: dict[str, Any], timeout_s: float = 600.0) -> tuple
             return err.code, {"error": {"message": raw.decode(errors="replace")}}
 
 
-def generate_remote(base_url: str, body: dict[str, Any]) -> list[bytes]:
-    url = base_url.rstrip("/") + "/v1/images/generations"
+def api_base(url: str) -> str:
+    """The server's root: OpenAI clients put /v1 in the base URL, we add it ourselves."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def generate_remote(base_url: str, body: dict[str, Any], api_key: str | None = None) -> list[bytes]:
+    url = api_base(base_url) + "/v1/images/generations"
     try:
-        status, reply = post_json(url, body)
+        status, reply = post_json(url, body, api_key=api_key)
     except (urllib.error.URLError, OSError) as err:
         raise ClientError(
             f"cannot reach {url}: {err}. Is `disagfusion serve --local` running?"

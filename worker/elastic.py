@@ -14,6 +14,7 @@ they are tested without processes; only `scrape` does I/O.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import urllib.error
@@ -48,6 +49,9 @@ LOCAL_PROFILE: dict[str, Any] = {
         "decoder": {"cpu": {"b": round(0.03 / _P128, 4)}},
     },
 }
+
+
+_SIZE_CHANGE = re.compile(r"^(up|down) \d+->\d+: ")
 
 
 def local_profile() -> Profile:
@@ -309,8 +313,10 @@ class Autoscaler:
             return []
         actions = apply_decision(self.cluster, decision.replicas(), self.max_workers)
         for stage, before, after in actions:
+            # The policy's reason starts with the same "up 1->2: " the line already shows.
+            why = _SIZE_CHANGE.sub("", decision.stages[stage].reason)
             self.report(
-                f"autoscale: {stage} {before} -> {after}: {decision.stages[stage].reason}"
+                f"autoscale: {stage} {before} -> {after}: {why}"
                 f" (arrivals {snapshot.arrival_rps:.2f}/s)"
             )
         return actions

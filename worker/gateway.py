@@ -13,9 +13,10 @@ import asyncio
 import collections
 import logging
 import math
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -79,7 +80,7 @@ _ERROR_CODES = {
 class GeneratedImages:
     request_id: str
     pngs: list[bytes]
-    seed: int
+    seeds: list[int]  # per image: the seed that reproduces it alone
     latency_s: float
 
 
@@ -124,6 +125,8 @@ class Gateway(pb_grpc.StageServicer):
         self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._waiting = 0
         self._completions: collections.deque[float] = collections.deque(maxlen=256)
+        self._seen_ready: set[str] = set()  # stages that have had a ready instance
+        self.draining = False
 
     # ---- lifecycle ------------------------------------------------------
 
@@ -131,21 +134,65 @@ class Gateway(pb_grpc.StageServicer):
         for pool in self._pools.values():
             pool.start()
 
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait for the accepted ones; False on timeout."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._pending
+
     async def stop(self) -> None:
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(RequestFailed(503, "gateway shutting down"))
+                fut.set_exception(
+                    RequestFailed(
+                        503,
+                        "the gateway shut down before this request finished; retry it",
+                        retry_after_s=5,
+                    )
+                )
         await self._sender.close()
         for pool in self._pools.values():
             await pool.stop()
         await self._channels.close()
 
     def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down"
         missing = [s for s, pool in self._pools.items() if pool.ready_count() == 0]
+        self._seen_ready.update(s for s in self._pools if s not in missing)
         if missing:
             return False, "no ready instance of: " + ", ".join(missing)
         counts = ", ".join(f"{s}={p.ready_count()}" for s, p in self._pools.items())
         return True, f"ready instances: {counts}"
+
+    def _admission_problem(self) -> RequestFailed | None:
+        """Why a new request is refused now, if it is.
+
+        A stage that has been ready once and has no ready instance right now is
+        restarting (a crashed worker, a rolling update): requests are still
+        admitted, within max_waiting, and custody delivers them once an instance
+        is back. Only a stage never seen ready makes the pipeline "not ready"."""
+        if self.draining:
+            return RequestFailed(
+                503, "the gateway is shutting down; retry on another instance", retry_after_s=5
+            )
+        ready, detail = self.readiness()
+        if not ready and not self._seen_ready.issuperset(self._pools):
+            return RequestFailed(503, f"pipeline not ready: {detail}", retry_after_s=5)
+        if (
+            self._waiting >= self.config.max_waiting
+            or len(self._pending) >= self.config.max_pending
+        ):
+            return RequestFailed(
+                429, "pipeline is full; retry later", retry_after_s=self._retry_after_s()
+            )
+        return None
 
     # ---- requests -------------------------------------------------------
 
@@ -158,22 +205,23 @@ class Gateway(pb_grpc.StageServicer):
         rate = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
         return max(1, min(60, math.ceil((self._waiting + 1) / rate)))
 
-    async def generate(self, params: GenerationParams) -> GeneratedImages:
-        """Run one request through the pipeline; raises RequestFailed."""
+    async def generate(
+        self, params: GenerationParams, request_id: str | None = None, *, from_client: bool = False
+    ) -> GeneratedImages:
+        """Run one request through the pipeline; raises RequestFailed.
+
+        `request_id` names the request in the pipeline (default: a new one). A
+        client's id (`from_client`, X-Request-Id) gets a unique suffix, since
+        clients may reuse theirs and the stages suppress duplicates by id."""
         self.metrics.arrived(
             params.width, params.height, 1, params.num_inference_steps, params.num_images
         )
-        ready, detail = self.readiness()
-        if not ready:
-            raise RequestFailed(503, f"pipeline not ready: {detail}", retry_after_s=5)
-        if (
-            self._waiting >= self.config.max_waiting
-            or len(self._pending) >= self.config.max_pending
-        ):
-            raise RequestFailed(
-                429, "pipeline is full; retry later", retry_after_s=self._retry_after_s()
-            )
-        rid = uuid.uuid4().hex
+        problem = self._admission_problem()
+        if problem is not None:
+            raise problem
+        rid = request_id or uuid.uuid4().hex
+        if from_client:
+            rid = f"{rid}.{uuid.uuid4().hex[:12]}"
         started = time.perf_counter()
         future: asyncio.Future[GeneratedImages] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
@@ -247,7 +295,9 @@ class Gateway(pb_grpc.StageServicer):
             return
         self._completions.append(time.monotonic())
         latency = time.perf_counter() - self._started.get(result.request_id, time.perf_counter())
-        future.set_result(GeneratedImages(result.request_id, pngs, result.params.seed, latency))
+        future.set_result(
+            GeneratedImages(result.request_id, pngs, result.params.image_seeds(), latency)
+        )
 
     # ---- Stage service: terminal results from the last stage ---------------
 
@@ -326,19 +376,70 @@ class GatewayGrpc(pb_grpc.GatewayServicer):
             raise AssertionError("unreachable") from None
         return pb.GenerateReply(
             request_id=result.request_id,
-            images=[pb.GeneratedImage(png=png, seed=result.seed) for png in result.pngs],
+            images=[
+                pb.GeneratedImage(png=png, seed=seed)
+                for png, seed in zip(result.pngs, result.seeds, strict=True)
+            ],
             latency_s=result.latency_s,
         )
 
 
-def build_http_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=1 << 20)
-    limits = gateway.config.limits
+# A client's X-Request-Id is echoed and logged: keep it short and printable.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~-]{1,128}")
+REQUEST_ID = web.RequestKey("request_id", str)
+FROM_CLIENT = web.RequestKey("request_id_from_client", bool)
 
-    def json_error(
-        status: int, body: dict[str, object], headers: dict[str, str] | None = None
-    ) -> web.Response:
-        return web.json_response(body, status=status, headers=headers)
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    return web.json_response(
+        ApiError(status, message, code=code, param=param).body(), status=status
+    )
+
+
+@web.middleware
+async def _request_ids_and_json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """X-Request-Id on every response (the client's, validated, or a new one), and
+    OpenAI-shaped JSON for aiohttp's own errors (unknown path, wrong method)."""
+    given = request.headers.get("X-Request-Id")
+    if given is not None and not _REQUEST_ID.fullmatch(given):
+        response: web.StreamResponse = _error(
+            400,
+            "Invalid 'X-Request-Id' header: use 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
+            "invalid_request_id",
+            "X-Request-Id",
+        )
+        response.headers["X-Request-Id"] = uuid.uuid4().hex
+        return response
+    request_id = given or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    request[FROM_CLIENT] = given is not None
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            response = _error(
+                405,
+                f"{request.method} is not allowed on {request.path}; use {allowed}",
+                "method_not_allowed",
+            )
+            response.headers["Allow"] = allowed
+        elif exc.status == 404:
+            response = _error(404, f"No such path: {request.path}", "not_found")
+        elif exc.status == 413:
+            response = _error(413, "request body larger than 1 MiB", "too_large")
+        else:
+            response = _error(exc.status, exc.reason, "http_error")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def build_http_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=1 << 20, middlewares=[_request_ids_and_json_errors])
+    limits = gateway.config.limits
+    created = int(time.time())
 
     async def generations(request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -349,53 +450,54 @@ def build_http_app(gateway: Gateway) -> web.Application:
     async def _generations(request: web.Request) -> web.Response:
         key = gateway.config.api_key
         if key and request.headers.get("Authorization") != f"Bearer {key}":
-            return json_error(
-                401,
-                {
-                    "error": {
-                        "message": "missing or wrong API key (Authorization: Bearer ...)",
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": "invalid_api_key",
-                    }
-                },
+            return _error(
+                401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key"
             )
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return json_error(
-                413, ApiError(413, "request body larger than 1 MiB", code="too_large").body()
-            )
+            return _error(413, "request body larger than 1 MiB", "too_large")
         except (ValueError, UnicodeDecodeError):
-            return json_error(
-                400, ApiError(400, "body is not valid JSON", code="invalid_json").body()
-            )
+            return _error(400, "body is not valid JSON", "invalid_json")
         try:
             params = parse_images_request(body, limits)
         except ApiError as err:
-            return json_error(err.status, err.body())
+            return web.json_response(err.body(), status=err.status)
         try:
-            result = await gateway.generate(params)
+            result = await gateway.generate(
+                params, request[REQUEST_ID], from_client=request[FROM_CLIENT]
+            )
         except RequestFailed as err:
             headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
-            return json_error(err.status, err.body(), headers)
-        pngs = result.pngs
-        return web.json_response(
-            images_response(int(time.time()), pngs, [result.seed] * len(pngs)),
-            headers={"X-Request-Id": result.request_id},
-        )
+            return web.json_response(err.body(), status=err.status, headers=headers)
+        return web.json_response(images_response(int(time.time()), result.pngs, result.seeds))
+
+    def model_card() -> dict[str, object]:
+        return {
+            "id": gateway.config.model,
+            "object": "model",
+            "created": created,
+            "owned_by": "disagfusion",
+        }
 
     async def models(_: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": gateway.config.model, "object": "model", "owned_by": "disagfusion"}
-                ],
-            }
-        )
+        return web.json_response({"object": "list", "data": [model_card()]})
+
+    async def model(request: web.Request) -> web.Response:
+        wanted = request.match_info["model"]
+        if wanted != limits.served_model and wanted not in limits.model_aliases:
+            return _error(
+                404,
+                f"The model {wanted!r} does not exist here; this server serves"
+                f" {limits.served_model!r}.",
+                "model_not_found",
+                "model",
+            )
+        return web.json_response(model_card())
 
     app.router.add_post("/v1/images/generations", generations)
     app.router.add_get("/v1/models", models)
+    # Hub ids contain a slash (org/name), local paths several.
+    app.router.add_get("/v1/models/{model:.+}", model)
     add_probe_routes(app, gateway.metrics.registry, gateway.readiness)
     return app

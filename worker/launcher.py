@@ -1,7 +1,18 @@
 """The embedded default: gateway and stage workers as local OS processes.
 
 Every process is a child of the launcher, started with a parent-death signal
-so none outlives it, and stopped with SIGTERM (drain) then SIGKILL.
+so none outlives it, in its own process group (a Ctrl-C in the terminal
+reaches only the launcher, which then stops the children in order).
+
+Supervision (`supervise`, called from the launcher's loop) restarts a child
+that exits on its own on the same ports, with back-off (worker/restarts.py),
+and gives up on one that keeps crashing; the upstream's custody re-sends what
+a dead worker held, so accepted requests still complete.
+
+Shutdown (`stop`) drains in pipeline order: the gateway stops admitting and
+waits for the requests it accepted (answering what is left after its drain
+timeout with an explicit error), then each stage is stopped after its
+upstream has exited, so nothing in flight loses its next hop.
 
 With `max_workers`, every stage gets ports for as many instances as the budget
 allows up front, so each `--next` list and the gateway's topology already name
@@ -23,11 +34,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from disagfusion.worker.params import STAGES
+from disagfusion.worker.restarts import RestartPolicy, describe_exit, on_exit
+
+# Once the gateway has answered everything, a stage holds nothing: this is a
+# bound for the odd leftover, after which the stage is killed.
+STAGE_STOP_TIMEOUT_S = 10.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,6 +107,9 @@ class LocalOptions:
     extra_worker_args: list[str] = field(default_factory=list)
     max_workers: int = 0  # > 0: elastic, at most this many stage workers running at once
     drain_timeout_s: float = 130.0  # a removed worker is killed if still draining after this
+    shutdown_drain_s: float = 60.0  # the gateway's time to finish accepted requests on stop
+    served_model_name: str | None = None
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
     def counts(self) -> dict[str, int]:
         if self.monolithic:
@@ -109,7 +128,12 @@ class LocalOptions:
 class LocalCluster:
     """Start, watch and stop a local disaggregated pipeline."""
 
-    def __init__(self, opts: LocalOptions) -> None:
+    def __init__(
+        self,
+        opts: LocalOptions,
+        report: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.opts = opts
         for role, count in opts.counts().items():
             if count < 1:
@@ -124,6 +148,13 @@ class LocalCluster:
         self.spare: dict[str, list[Child]] = {}  # planned slots with no process
         self.draining: list[Child] = []  # removed, SIGTERMed, not yet exited
         self._lock = threading.Lock()  # workers/spare/draining change from reaper threads
+        self.given_up: list[Child] = []  # crashed too often; never restarted
+        self._report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._clock = clock
+        self._exits: dict[str, tuple[float, ...]] = {}  # name -> recent unexpected exits
+        self._restart_at: dict[str, float] = {}  # name -> when to start it again
+        self._stopping = False
+        self._hurry = threading.Event()  # a second stop signal: kill instead of draining
 
     @property
     def url(self) -> str:
@@ -211,6 +242,9 @@ class LocalCluster:
                 str(o.max_waiting),
                 "--request-timeout",
                 str(o.request_timeout_s),
+                "--drain-timeout",
+                str(o.shutdown_drain_s),
+                *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
                 *self._common_args(delay=False),
             ],
         )
@@ -237,6 +271,7 @@ class LocalCluster:
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             preexec_fn=_die_with_parent,
+            process_group=0,  # the terminal's Ctrl-C is the launcher's to handle
             env=env,
         )
         if out:
@@ -291,6 +326,56 @@ class LocalCluster:
     def exited(self) -> list[Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
 
+    # ---- supervision ------------------------------------------------------
+
+    def supervise(self) -> None:
+        """Restart children that exited on their own; give up on crash loops.
+
+        Raises StageLost when a stage (or the gateway) has no instance left."""
+        if self._stopping:
+            return
+        now = self._clock()
+        with self._lock:
+            for child in self.children:
+                if child.name in self._restart_at:
+                    if now >= self._restart_at[child.name]:
+                        del self._restart_at[child.name]
+                        self._report(f"restarting {child.name}")
+                        self._spawn(child)
+                elif child.proc is not None and child.proc.poll() is not None:
+                    self._after_exit(child, now)
+            # A child the autoscaler removed is no longer supervised.
+            running = {c.name for c in self.children}
+            for name in list(self._restart_at):
+                if name not in running:
+                    del self._restart_at[name]
+        lost = [role for role, kids in self.workers.items() if not kids]
+        if self.gateway is None or self.gateway in self.given_up:
+            lost.insert(0, "gateway")
+        if lost:
+            raise StageLost(f"no {', '.join(lost)} instance left; stopping")
+
+    def _after_exit(self, child: Child, now: float) -> None:
+        code = child.proc.returncode if child.proc else None
+        decision = on_exit(self._exits.get(child.name, ()), now, self.opts.restart_policy)
+        self._exits[child.name] = decision.exits
+        policy = self.opts.restart_policy
+        if decision.give_up:
+            self.given_up.append(child)
+            if child in self.workers.get(child.role, []):
+                self.workers[child.role].remove(child)
+            self._report(
+                f"{child.name} exited ({describe_exit(code)}) after {policy.max_restarts}"
+                f" restarts within {policy.window_s:g}s; giving up on it" + self._tail(child, 5)
+            )
+            return
+        self._restart_at[child.name] = now + decision.delay_s
+        self._report(
+            f"{child.name} exited unexpectedly ({describe_exit(code)}); restarting in"
+            f" {decision.delay_s:g}s (restart {decision.attempt} of {policy.max_restarts}"
+            f" within {policy.window_s:g}s)"
+        )
+
     def wait_ready(self, timeout_s: float = 180.0) -> None:
         deadline = time.monotonic() + timeout_s
         pending = list(self.children)
@@ -314,25 +399,39 @@ class LocalCluster:
             return "\n" + "\n".join(text)
         return ""
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM everyone (the gateway first so it stops admitting), then SIGKILL."""
+    def stop(self) -> None:
+        """Stop in pipeline order: the gateway drains first, then each stage in turn.
+
+        Each phase is SIGTERM, a bounded wait, then SIGKILL; `hurry()` (a
+        second Ctrl-C) cuts every wait short."""
+        self._stopping = True
         with self._lock:
-            ordered = (
-                ([self.gateway] if self.gateway else [])
-                + [c for role in self.workers.values() for c in role]
-                + list(self.draining)
-            )
-        for child in ordered:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+            phases: list[tuple[list[Child], float]] = [
+                ([self.gateway] if self.gateway else [], self.opts.shutdown_drain_s + 15.0)
+            ]
+            for role, kids in self.workers.items():
+                leaving = [c for c in self.draining if c.role == role]
+                phases.append((kids + leaving, STAGE_STOP_TIMEOUT_S))
+        for children, timeout_s in phases:
+            self._stop_phase(children, timeout_s)
+
+    def hurry(self) -> None:
+        """Make a running `stop` kill what is left instead of waiting for it to drain."""
+        self._hurry.set()
+
+    def _stop_phase(self, children: list[Child], timeout_s: float) -> None:
+        alive = [c for c in children if c.proc is not None and c.proc.poll() is None]
+        for child in alive:
+            assert child.proc is not None
+            child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for child in ordered:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while alive and time.monotonic() < deadline and not self._hurry.is_set():
+            alive = [c for c in alive if c.proc is not None and c.proc.poll() is None]
+            time.sleep(0.05)
+        for child in alive:
+            if child.proc is not None and child.proc.poll() is None:
                 child.proc.kill()
+            if child.proc is not None:
                 child.proc.wait()
 
     def __enter__(self) -> LocalCluster:
@@ -346,6 +445,10 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StageLost(RuntimeError):
+    """A stage (or the gateway) has no instance left: the pipeline cannot serve."""
 
 
 def _is_ready(url: str) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 STAGES = ("encoder", "denoiser", "decoder")
+SEED_SPACE = 2**63  # seeds are 0..2**63-1 (a signed 64-bit proto/torch field)
 # A worker may also run the whole pipeline: the monolithic baseline.
 WorkerRole = Literal["encoder", "denoiser", "decoder", "monolithic"]
 ROLES: tuple[WorkerRole, ...] = ("encoder", "denoiser", "decoder", "monolithic")
@@ -23,3 +24,8 @@ class GenerationParams:
     guidance_scale: float = 7.5
     seed: int = 0
     num_images: int = 1
+
+    def image_seeds(self) -> list[int]:
+        """The seed of each image: image i alone is reproduced by n=1 with seed + i
+        (wrapping within the accepted 0..2**63-1)."""
+        return [(self.seed + i) % SEED_SPACE for i in range(self.num_images)]

@@ -157,7 +157,10 @@ class PeerPool:
             except grpc.aio.AioRpcError as err:
                 raise_if_cancelled()
                 if peer.healthy:
-                    log.warning("%s instance %s unreachable: %s", self.stage, address, err.code())
+                    # A peer that said it was draining left on purpose (scale-down, shutdown).
+                    level = logging.INFO if peer.draining else logging.WARNING
+                    how = "gone after draining" if peer.draining else "unreachable"
+                    log.log(level, "%s instance %s %s: %s", self.stage, address, how, err.code())
                 peer.healthy = False
             else:
                 peer.healthy = True

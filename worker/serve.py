@@ -2,7 +2,9 @@
 
 On SIGTERM or SIGINT a worker drains: it stops accepting new work (peers see
 it draining and go elsewhere), finishes what it holds and hands it on, then
-exits. The gateway answers what is in flight before it exits.
+exits. The gateway drains too: new requests get 503 with Retry-After, the
+accepted ones finish (or, past its drain timeout, are answered with an
+explicit error), then it exits.
 """
 
 from __future__ import annotations
@@ -145,14 +147,23 @@ class GatewayOptions:
     api_key: str | None = None
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
     max_images: int = 4
+    served_model_name: str | None = None
+    drain_timeout_s: float = 60.0
 
 
-def limits_for(model: str, max_images: int = 4) -> tuple[str, RequestLimits]:
+def limits_for(
+    model: str, max_images: int = 4, served_name: str | None = None
+) -> tuple[str, RequestLimits]:
+    """The public model id and the request limits; `model` (the source string as
+    given) and the display name are accepted as aliases of the id."""
     from disagfusion.worker.models import describe_model
 
     info = describe_model(model)
-    return info.name, RequestLimits(
-        served_model=info.name,
+    public = served_name or info.name
+    aliases = tuple(dict.fromkeys(a for a in (model, info.name) if a != public))
+    return public, RequestLimits(
+        served_model=public,
+        model_aliases=aliases,
         default_size=info.default_size,
         size_multiple=info.size_multiple,
         max_size=info.max_size,
@@ -165,7 +176,7 @@ def limits_for(model: str, max_images: int = 4) -> tuple[str, RequestLimits]:
 async def run_gateway(opts: GatewayOptions) -> int:
     import grpc
 
-    name, limits = limits_for(opts.model, opts.max_images)
+    name, limits = limits_for(opts.model, opts.max_images, opts.served_model_name)
     first = "monolithic" if "monolithic" in opts.stage_addrs else "encoder"
     gateway = Gateway(
         GatewayConfig(
@@ -192,8 +203,16 @@ async def run_gateway(opts: GatewayOptions) -> int:
     runner = await start_site(build_http_app(gateway), opts.host, opts.port)
     log.info("gateway for %s on http://%s:%d", name, opts.host, opts.port)
     await _wait_for_signal()
-    await runner.shutdown()
-    await runner.cleanup()
+    # Keep listening while draining: new requests get 503 + Retry-After, and
+    # results for the accepted ones still arrive on the gRPC port.
+    log.info("gateway draining: %d accepted request(s) to finish", gateway.pending_count)
+    if not await gateway.drain(opts.drain_timeout_s):
+        log.warning(
+            "drain timeout (%gs): answering %d request(s) with an error",
+            opts.drain_timeout_s,
+            gateway.pending_count,
+        )
+    await gateway.stop()  # fails whatever is left, explicitly
+    await runner.cleanup()  # the handlers write those answers before the sockets close
     await server.stop(1.0)
-    await gateway.stop()
     return 0

@@ -209,7 +209,7 @@ class StageModel:
     ) -> dict[str, torch.Tensor]:
         # Embeddings are already repeated per image, so the pipeline sees a
         # batch of num_images prompts with one image each: same latent shape
-        # and the same single randn draw as the monolithic call.
+        # and the same per-image randn draws as the monolithic call.
         latents = self.pipe(
             **embeds,
             height=params.height,
@@ -247,8 +247,12 @@ class StageModel:
         )[0]
         return _to_uint8(images)
 
-    def _generator(self, params: GenerationParams) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(params.seed)
+    def _generator(self, params: GenerationParams) -> torch.Generator | list[torch.Generator]:
+        # One generator per image, so image i is exactly what n=1 with seed + i draws.
+        seeds = params.image_seeds()
+        if len(seeds) == 1:
+            return torch.Generator(self.device).manual_seed(seeds[0])
+        return [torch.Generator(self.device).manual_seed(s) for s in seeds]
 
     # --- validation -------------------------------------------------------
 

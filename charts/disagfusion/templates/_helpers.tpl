@@ -50,8 +50,25 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/*
+"repository:tag" of an image value (dict "image" <image value> "appVersion" <default tag>).
+The tag may be a number: --set image.tag=1 gives an int64 and `tag: 2000000` in a values
+file a float64, which Go prints as 2e+06, so an integral float64 is printed as an integer.
+A missing or empty tag is the appVersion.
+*/}}
+{{- define "disagfusion.imageRef" -}}
+{{- $tag := .image.tag -}}
+{{- if kindIs "invalid" $tag }}{{ $tag = "" }}{{ end -}}
+{{- if and (kindIs "float64" $tag) (eq $tag (float64 (int64 $tag))) }}{{ $tag = int64 $tag }}{{ end -}}
+{{- printf "%s:%s" .image.repository (default .appVersion (toString $tag)) }}
+{{- end }}
+
 {{- define "disagfusion.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "disagfusion.imageRef" (dict "image" .Values.image "appVersion" .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "disagfusion.workerImage" -}}
+{{- include "disagfusion.imageRef" (dict "image" .Values.workerImage "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{/* Lower-case DNS-1123 name for a dashboard file: "Stage Overview.json" -> "stage-overview". */}}
