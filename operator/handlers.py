@@ -31,20 +31,17 @@ other's conditions.
 
 from __future__ import annotations
 
-import datetime
 import logging
-import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
 from disagfusion.operator import conditions as cond
-from disagfusion.operator.autoscale import autoscale
+from disagfusion.operator.autoscale.timer import autoscale
+from disagfusion.operator.context import Context, utc_now
 from disagfusion.operator.kube import Kube, KubeError
-from disagfusion.operator.metrics import OperatorMetrics
 from disagfusion.operator.render import (
     GROUP,
     PLURAL,
@@ -56,61 +53,12 @@ from disagfusion.operator.render import (
     render_all,
     stage_name,
 )
-from disagfusion.operator.scaling import Policy
 from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, PipelineSpec, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
 DEFAULT_AUTOSCALE_TICK_S = 1.0
 FINALIZER = "disagfusion.io/operator"
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class Context:
-    """The operator's collaborators and its in-memory state (lost on restart, by design)."""
-
-    kube: Kube
-    metrics: OperatorMetrics
-    policy: Policy | None = None  # None: HybridPolicy
-    prometheus_url: str | None = None  # default for spec.autoscaling.prometheusUrl
-    worker_image: str = DEFAULT_IMAGE  # the image of pipelines without spec.image
-    rate_window: str = "1m"  # PromQL range of the autoscaler's rates
-    prometheus_timeout_s: float = 5.0
-    clock: Callable[[], float] = time.time
-    statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> last written
-    scalers: dict[str, Any] = field(default_factory=dict)  # uid -> autoscale.Memory
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
-
-    def lock(self, uid: str) -> threading.Lock:
-        """One lock per pipeline: its reconcile and autoscale rounds never interleave."""
-        with self._guard:
-            return self._locks.setdefault(uid, threading.Lock())
-
-    def known_status(self, uid: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """The newest status we know of: what we last wrote, else the body's."""
-        cached = self.statuses.get(uid)
-        return dict(cached if cached is not None else (body.get("status") or {}))
-
-    def write_status(
-        self, namespace: str, name: str, uid: str, old: Mapping[str, Any], patch: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Merge-patch the status unless that changes nothing; remember the result."""
-        new = merge_patch(old, patch)
-        if new != old:
-            self.kube.patch_status(namespace, name, patch)
-        self.statuses[uid] = new
-        return new
-
-    def forget(self, uid: str) -> None:
-        self.statuses.pop(uid, None)
-        self.scalers.pop(uid, None)
-        with self._guard:
-            self._locks.pop(uid, None)
 
 
 def reconcile(ctx: Context, body: Mapping[str, Any], now: str | None = None) -> str:
@@ -205,20 +153,6 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
         if was_invalid is not None and was_invalid.get("status") == "True":
             ctx.kube.event(body, "Normal", "SpecValid", "spec is valid again")
     return "ok"
-
-
-def merge_patch(old: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386 JSON merge patch, as the API server applies it (objects merge, lists replace)."""
-    out = dict(old)
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, Mapping):
-            base = out.get(key)
-            out[key] = merge_patch(base if isinstance(base, Mapping) else {}, value)
-        else:
-            out[key] = value
-    return out
 
 
 def autoscaled_replicas(spec: PipelineSpec, status: Mapping[str, Any]) -> dict[str, int] | None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagfusion import __version__
-from disagfusion.operator.builtin_profiles import builtin_profile
-from disagfusion.operator.profile import Profile, ProfileError, parse_profile, parse_slo
-from disagfusion.operator.scaling import Knobs
+from disagfusion.scheduling.builtin_profiles import builtin_profile
+from disagfusion.scheduling.profile import Profile, ProfileError, parse_profile, parse_slo
+from disagfusion.scheduling.scaling import Knobs
 
 STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
 # The worker image of a pipeline without spec.image when the operator is given none:

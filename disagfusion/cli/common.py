@@ -1,0 +1,119 @@
+"""What every `disagfusion` subcommand's parser shares: help that shows defaults,
+and usage mistakes as one line."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from disagfusion.worker.runtime.sender import HandoffDelay
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """ArgumentDefaultsHelpFormatter that keeps a description's layout and leaves out
+    `(default: None)`: a flag whose default is None says what it is in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.required or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make usage mistakes one `prog: error: ...` line, exit status 2: argparse's
+    default prints the whole usage first, which buries the message."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+# ---- argument types: a bad value is argparse's one-line error, never a traceback
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def port(text: str) -> int:
+    value = int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1..65535, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (NaN and infinity refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+HELP = HelpFormatter  # every flag shows its default
+DEFAULT_MODEL = "builtin:tiny-unet"
+
+
+def add_handoff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--handoff-delay-ms",
+        type=non_negative_float,
+        default=0.0,
+        help="emulated network time added to every hand-off (benchmarks)",
+    )
+    p.add_argument(
+        "--handoff-jitter-ms",
+        type=non_negative_float,
+        default=0.0,
+        help="uniform jitter around --handoff-delay-ms",
+    )
+
+
+def handoff_delay(args: argparse.Namespace) -> HandoffDelay:
+    from disagfusion.worker.runtime.sender import HandoffDelay
+
+    return HandoffDelay(args.handoff_delay_ms / 1e3, args.handoff_jitter_ms / 1e3)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="builtin:NAME, a local diffusers directory, or a hub id in the local HF cache",
+    )
+
+
+def add_served_name(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="public model id in /v1/models and requests (default: the model's display name;"
+        " the --model string is always accepted too)",
+    )

@@ -1,0 +1,136 @@
+"""`disagfusion gateway`: the HTTP/gRPC gateway alone."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from disagfusion.cli.common import (
+    HELP,
+    add_handoff_args,
+    add_model_args,
+    add_served_name,
+    handoff_delay,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+)
+from disagfusion.worker.params import STAGES
+
+
+def register(sub: Any) -> None:
+    """Add `gateway` to the `disagfusion` parser."""
+    g = sub.add_parser("gateway", help="run the HTTP/gRPC gateway alone", formatter_class=HELP)
+    add_model_args(g)
+    add_served_name(g)
+    g.add_argument("--port", type=port, default=8000, help="HTTP port (OpenAI API)")
+    g.add_argument(
+        "--grpc-port", type=port, required=True, help="gRPC port (results, Gateway.Generate)"
+    )
+    g.add_argument(
+        "--topology",
+        required=True,
+        help='JSON {"encoder": [addr...], "denoiser": [...], "decoder": [...]} or @file',
+    )
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    g.add_argument(
+        "--advertise-host", default="127.0.0.1", help="host the workers use to send results back"
+    )
+    g.add_argument("--pipeline", default="local", help="pipeline name (metrics label)")
+    g.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=32,
+        help="accepted requests waiting for the first stage before 429",
+    )
+    g.add_argument(
+        "--max-pending",
+        type=positive_int,
+        default=512,
+        help="accepted, unanswered requests before 429",
+    )
+    g.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds before an accepted request is answered 504",
+    )
+    g.add_argument("--max-images", type=positive_int, default=4, help="largest n in one request")
+    g.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=60.0,
+        help="on SIGTERM: seconds to finish accepted requests before answering them 503",
+    )
+    add_handoff_args(g)
+    g.set_defaults(func=_cmd_gateway)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from disagfusion.worker.gateway.serve import GatewayOptions, run_gateway
+
+    try:
+        topology = parse_topology(args.topology)
+    except ValueError as err:
+        print(f"error: --topology: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(
+        run_gateway(
+            GatewayOptions(
+                model=args.model,
+                port=args.port,
+                grpc_port=args.grpc_port,
+                stage_addrs=topology,
+                host=args.host,
+                advertise_host=args.advertise_host,
+                pipeline=args.pipeline,
+                max_waiting=args.max_queue,
+                max_pending=args.max_pending,
+                request_timeout_s=args.request_timeout,
+                max_images=args.max_images,
+                api_key=os.environ.get("DISAGFUSION_API_KEY") or None,
+                handoff_delay=handoff_delay(args),
+                served_model_name=args.served_model_name,
+                drain_timeout_s=args.drain_timeout,
+            )
+        )
+    )
+
+
+def parse_topology(text: str) -> dict[str, list[str]]:
+    """`--topology`: JSON (or @file) naming every stage's gRPC addresses; ValueError says
+    what is wrong."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as err:
+            raise ValueError(f"cannot read {text[1:]}: {err.strerror or err}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at character {err.pos})") from None
+    if not isinstance(data, dict):
+        raise ValueError('expected a JSON object like {"encoder": ["host:port"], ...}')
+    wanted = ["monolithic"] if "monolithic" in data else list(STAGES)
+    unknown = sorted(set(data) - set(wanted))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; expected {', '.join(wanted)}")
+    for stage in wanted:
+        addrs = data.get(stage)
+        if not isinstance(addrs, list) or not addrs:
+            raise ValueError(f"{stage}: expected a non-empty list of host:port addresses")
+        for addr in addrs:
+            if not isinstance(addr, str) or not _is_host_port(addr):
+                raise ValueError(f"{stage}: {addr!r} is not a host:port address")
+    return {stage: list(data[stage]) for stage in wanted}
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, number = addr.rpartition(":")
+    return bool(host) and number.isdigit() and 1 <= int(number) <= 65535

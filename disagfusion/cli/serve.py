@@ -1,0 +1,246 @@
+"""`disagfusion serve --local`: the gateway and stage workers as local processes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from disagfusion.worker.local.elastic import Autoscaler
+    from disagfusion.worker.local.launcher import LocalCluster
+
+from disagfusion.cli.common import (
+    HELP,
+    add_handoff_args,
+    add_model_args,
+    add_served_name,
+    non_negative_float,
+    port,
+    positive_float,
+    positive_int,
+)
+
+
+def register(sub: Any) -> None:
+    """Add `serve` to the `disagfusion` parser."""
+    s = sub.add_parser("serve", help="serve a pipeline as local processes", formatter_class=HELP)
+    s.add_argument(
+        "--local",
+        action="store_true",
+        required=True,
+        help="run the gateway and stage workers as local processes",
+    )
+    add_model_args(s)
+    add_served_name(s)
+    s.add_argument("--port", type=port, default=8000, help="the gateway's HTTP port")
+    s.add_argument("--encoders", type=positive_int, default=1, help="encoder processes")
+    s.add_argument("--denoisers", type=positive_int, default=1, help="denoiser processes")
+    s.add_argument("--decoders", type=positive_int, default=1, help="decoder processes")
+    s.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="synchronous workers: receive, compute, send one request at a time",
+    )
+    s.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per worker (default: the cores split between workers)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=32,
+        help="accepted requests waiting for the first stage before 429",
+    )
+    s.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="write each process's output to DIR/NAME.log (default: this terminal)",
+    )
+    s.add_argument(
+        "--startup-timeout",
+        type=positive_float,
+        default=600.0,
+        help="seconds to wait for every process to be ready",
+    )
+    s.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=60.0,
+        help="on Ctrl-C/SIGTERM: seconds to finish accepted requests before answering them 503",
+    )
+    s.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="add and remove stage workers with the hybrid policy (prints each action)",
+    )
+    s.add_argument(
+        "--max-workers",
+        type=int,
+        default=6,
+        help="with --autoscale: stage workers running at once, at most (>= 3)",
+    )
+    s.add_argument(
+        "--autoscale-interval",
+        type=float,
+        default=5.0,
+        help="with --autoscale: seconds between metric scrapes and decisions",
+    )
+    s.add_argument(
+        "--profile",
+        default=None,
+        help="with --autoscale: performance profile, a file or builtin:NAME"
+        " (default: rough CPU costs of builtin:tiny-unet, corrected by feedback)",
+    )
+    add_handoff_args(s)
+    s.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from disagfusion.worker.local.launcher import (
+        LocalCluster,
+        LocalOptions,
+        StageLost,
+        example_commands,
+        port_is_free,
+    )
+    from disagfusion.worker.models import describe_model
+
+    problem = _autoscale_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if not port_is_free(args.port):
+        print(f"error: port {args.port} is in use; pick another with --port", file=sys.stderr)
+        return 2
+    info = describe_model(args.model)
+    cluster = LocalCluster(
+        LocalOptions(
+            model=args.model,
+            port=args.port,
+            encoders=args.encoders,
+            denoisers=args.denoisers,
+            decoders=args.decoders,
+            overlap=not args.no_overlap,
+            handoff_delay_ms=args.handoff_delay_ms,
+            handoff_jitter_ms=args.handoff_jitter_ms,
+            threads=args.threads,
+            max_waiting=args.max_queue,
+            log_dir=args.log_dir,
+            max_workers=args.max_workers if args.autoscale else 0,
+            shutdown_drain_s=args.drain_timeout,
+            served_model_name=args.served_model_name,
+        ),
+        report=_log_line,
+    )
+    try:
+        scaler = _autoscaler(args, cluster) if args.autoscale else None
+    except (ValueError, KeyError, OSError) as err:  # a profile that cannot be used
+        print(f"error: --profile {args.profile}: {err}", file=sys.stderr)
+        return 2
+    stop = {"signals": 0}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signals"] += 1
+        if stop["signals"] > 1:
+            cluster.hurry()  # a second Ctrl-C: stop now, without draining
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    cluster.start()
+    try:
+        give_up = time.monotonic() + args.startup_timeout
+        while not stop["signals"]:
+            try:
+                cluster.wait_ready(timeout_s=0.5)
+                break
+            except TimeoutError:
+                if time.monotonic() > give_up:
+                    print(f"error: not ready after {args.startup_timeout:g}s", file=sys.stderr)
+                    return 1
+            except RuntimeError as err:  # a child exited while starting
+                print(f"error: {err}", file=sys.stderr)
+                return 1
+        if stop["signals"]:
+            return 0
+        size = f"{info.default_size[0]}x{info.default_size[1]}"
+        print(
+            f"\ndisagfusion serving {args.served_model_name or info.name}"
+            f" ({_instance_counts(cluster.workers)}) at {cluster.url}",
+            flush=True,
+        )
+        print("try:\n  " + "\n  ".join(example_commands(cluster.url, size)), flush=True)
+        if scaler is not None:
+            print(
+                f"autoscaling up to {args.max_workers} workers every"
+                f" {args.autoscale_interval:g}s with profile {scaler.profile.name}",
+                flush=True,
+            )
+        next_step = time.monotonic() + args.autoscale_interval
+        while not stop["signals"]:
+            try:
+                cluster.supervise()
+            except StageLost as err:
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                return 1
+            if scaler is not None and time.monotonic() >= next_step:
+                scaler.safe_step()
+                next_step = time.monotonic() + args.autoscale_interval
+            time.sleep(0.25)
+        _log_line(
+            f"stopping: the gateway refuses new requests and finishes accepted ones"
+            f" (up to {args.drain_timeout:g}s; Ctrl-C again to stop at once)"
+        )
+        return 0
+    finally:
+        cluster.stop()
+
+
+def _log_line(line: str) -> None:
+    print(time.strftime("%H:%M:%S ") + line, file=sys.stderr, flush=True)
+
+
+def _instance_counts(workers: Mapping[str, Sequence[object]]) -> str:
+    """'1 encoder, 2 denoisers, 1 decoder'."""
+    return ", ".join(f"{len(v)} {k}{'' if len(v) == 1 else 's'}" for k, v in workers.items())
+
+
+def _autoscale_problem(args: argparse.Namespace) -> str:
+    """What is wrong with the autoscaling flags, or ""."""
+    if not args.autoscale:
+        return ""
+    if args.max_workers < 3:
+        return f"--max-workers must be >= 3 (one worker per stage), got {args.max_workers}"
+    start = args.encoders + args.denoisers + args.decoders
+    if start > args.max_workers:
+        return f"{start} workers to start exceed --max-workers {args.max_workers}"
+    if not args.autoscale_interval > 0:
+        return f"--autoscale-interval must be > 0, got {args.autoscale_interval:g}"
+    return ""
+
+
+def _autoscaler(args: argparse.Namespace, cluster: LocalCluster) -> Autoscaler:
+    from disagfusion.scheduling.hybrid import HybridPolicy
+    from disagfusion.worker.local.elastic import Autoscaler, local_knobs, local_profile
+
+    if args.profile:
+        from disagfusion.cli.plan import load_profile
+
+        profile = load_profile(args.profile)
+    else:
+        profile = local_profile()
+    return Autoscaler(
+        cluster,
+        HybridPolicy(),
+        profile,
+        local_knobs(args.max_workers, args.autoscale_interval),
+        args.max_workers,
+        report=lambda line: print(time.strftime("%H:%M:%S ") + line, flush=True),
+    )

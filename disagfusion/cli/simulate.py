@@ -1,0 +1,384 @@
+"""`disagfusion simulate`: replay a request trace through a simulated cluster under
+each scaling policy and compare latency, SLO attainment and GPU-hours.
+
+    disagfusion simulate --trace builtin:diurnal --profile builtin:qwen-image-h100 \\
+        --policy static-disagg,hybrid,oracle --json --plot out.png
+    disagfusion simulate --list --json
+    disagfusion simulate --dump-trace builtin:burst -o t.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from disagfusion.cli.common import HelpFormatter, one_line_errors
+from disagfusion.cli.plan import MAX_GPUS
+
+if TYPE_CHECKING:
+    from disagfusion.cli.plot import PlotContext
+    from disagfusion.scheduling.profile import Profile
+    from disagfusion.scheduling.scaling import Decision, Knobs, Policy, Snapshot
+    from disagfusion.scheduling.sim.simulate import SimResult
+    from disagfusion.scheduling.traces import TraceRequest
+
+BUILTIN = "builtin:"
+# Builtin traces are relative to a profile; --dump-trace uses this one unless told.
+DUMP_TRACE_PROFILE = "builtin:qwen-image-h100"
+
+
+class UsageError(ValueError):
+    """Printed as `error: ...`, exit status 2."""
+
+
+def register(sub: Any) -> None:
+    """Add this module's subcommands to the `disagfusion` parser."""
+    p = sub.add_parser(
+        "simulate",
+        help="replay a trace through a simulated cluster under scaling policies",
+        description=__doc__,
+        formatter_class=HelpFormatter,
+    )
+    one_line_errors(p)
+    p.add_argument(
+        "--trace",
+        metavar="T",
+        help="a JSONL trace file or builtin:NAME, see --list (required to simulate)",
+    )
+    p.add_argument(
+        "--profile",
+        metavar="P",
+        help="a profile file or builtin:NAME, see --list (required to simulate;"
+        f" default for --dump-trace: {DUMP_TRACE_PROFILE})",
+    )
+    p.add_argument(
+        "--gpus", type=int, metavar="N", help="GPU budget (default: the profile's defaults.gpus)"
+    )
+    p.add_argument(
+        "--slo", help="latency SLO, '30s' or '2x' (default: the profile's defaults.slo, else 2x)"
+    )
+    p.add_argument(
+        "--policy",
+        metavar="P1,P2",
+        help="comma-separated policies: static-monolithic, static-disagg, threshold, hpa,"
+        " hybrid, oracle (default: all)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="write a PNG: instances, arrivals and latency per policy (default: no plot)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the service-time noise and traces")
+    p.add_argument("--noise", type=float, default=0.1, help="sigma of the lognormal noise")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="requests queued before the gateway rejects (default: 10 x GPUs)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="rescale a builtin trace to about N requests (default: the trace's own size)",
+    )
+    p.add_argument("--timing", action="store_true", help="print wall seconds per policy")
+    p.add_argument(
+        "--list", action="store_true", help="list builtin traces, profiles and policies, and exit"
+    )
+    p.add_argument(
+        "--dump-trace",
+        metavar="builtin:NAME",
+        help="write a builtin trace as JSONL, for --profile and --gpus (default profile:"
+        f" {DUMP_TRACE_PROFILE}), and exit",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="with --dump-trace: the file to write (default: stdout)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.list:
+            return _list(args)
+        if args.dump_trace:
+            return _dump(args)
+        return _simulate(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _list(args: argparse.Namespace) -> int:
+    from disagfusion.scheduling.baselines import POLICY_NAMES
+    from disagfusion.scheduling.builtin_profiles import BUILTIN_PROFILES
+    from disagfusion.scheduling.traces import BUILTIN_TRACES
+
+    out: dict[str, list[Any]] = {
+        "traces": [
+            {"name": BUILTIN + n, "description": d + " (relative to the profile and budget)"}
+            for n, d in BUILTIN_TRACES.items()
+        ],
+        "profiles": [
+            {
+                "name": BUILTIN + n,
+                "description": p.get("description", ""),
+                "gpus": p.get("defaults", {}).get("gpus"),
+                "slo": p.get("defaults", {}).get("slo"),
+            }
+            for n, p in BUILTIN_PROFILES.items()
+        ],
+        "policies": list(POLICY_NAMES),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for key in ("traces", "profiles"):
+        print(f"{key}:")
+        for row in out[key]:
+            print(f"  {row['name']:32} {row['description']}")
+    print("policies: " + ", ".join(POLICY_NAMES))
+    return 0
+
+
+def _profile(spec: str | None) -> Profile:
+    from disagfusion.cli.plan import load_profile
+    from disagfusion.scheduling.profile import ProfileError
+
+    if not spec:
+        raise UsageError("--profile is required (a file or builtin:NAME; see --list)")
+    try:
+        return load_profile(spec)
+    except ProfileError as err:
+        raise UsageError(f"profile {spec}: {err}") from None
+
+
+def _budget(args: argparse.Namespace, profile: Profile) -> int:
+    gpus = args.gpus if args.gpus is not None else profile.default_gpus
+    if gpus is None:
+        raise UsageError(f"profile {profile.name} has no default GPU budget: give --gpus")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise UsageError(f"--gpus must be >= 1 and <= {MAX_GPUS:,}, got {gpus}")
+    return int(gpus)
+
+
+def _trace(
+    spec: str | None, args: argparse.Namespace, profile: Profile, gpus: int
+) -> list[TraceRequest]:
+    from disagfusion.scheduling.traces import TraceError, builtin_trace, parse_trace_lines
+
+    if not spec:
+        raise UsageError("--trace is required (a JSONL file or builtin:NAME; see --list)")
+    if args.requests is not None and args.requests < 1:
+        raise UsageError(f"--requests must be >= 1, got {args.requests}")
+    if spec.startswith(BUILTIN):
+        try:
+            return builtin_trace(
+                spec.removeprefix(BUILTIN), profile, gpus, args.seed, args.requests
+            )
+        except KeyError as err:
+            raise UsageError(str(err.args[0])) from None
+        except ValueError as err:
+            raise UsageError(f"trace {spec}: {err}") from None
+    if args.requests is not None:
+        raise UsageError("--requests rescales builtin traces only")
+    try:
+        with open(spec) as f:
+            return parse_trace_lines(f, profile.default_request)
+    except OSError as err:
+        raise UsageError(
+            f"trace {spec}: cannot read it as a JSONL file ({err.strerror or err});"
+            " builtin traces are builtin:NAME, see --list"
+        ) from None
+    except (TraceError, UnicodeDecodeError) as err:
+        raise UsageError(f"trace {spec}: {err}") from None
+
+
+def _dump(args: argparse.Namespace) -> int:
+    from disagfusion.scheduling.traces import trace_to_lines
+
+    if not args.dump_trace.startswith(BUILTIN):
+        raise UsageError("--dump-trace takes builtin:NAME (see --list)")
+    profile = _profile(args.profile or DUMP_TRACE_PROFILE)
+    gpus = _budget(args, profile)
+    requests = _trace(args.dump_trace, args, profile, gpus)
+    lines = "".join(line + "\n" for line in trace_to_lines(requests))
+    if args.output is None:
+        sys.stdout.write(lines)
+        return 0
+    try:
+        args.output.write_text(lines)
+    except OSError as err:
+        raise UsageError(f"cannot write {args.output}: {err.strerror or err}") from None
+    print(
+        f"{args.output}: {len(requests)} requests, shapes and rates for {profile.name}"
+        f" on {gpus} GPUs",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from disagfusion.scheduling.baselines import POLICY_NAMES, make_policy
+    from disagfusion.scheduling.profile import parse_slo
+    from disagfusion.scheduling.sim.simulate import SimConfig, SimulationError, simulate
+
+    profile = _profile(args.profile)
+    gpus = _budget(args, profile)
+    slo = args.slo or profile.default_slo or "2x"
+    try:
+        parse_slo(slo)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    names = [n.strip() for n in (args.policy or ",".join(POLICY_NAMES)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICY_NAMES]
+    if unknown or not names:
+        raise UsageError(
+            f"unknown policy {', '.join(unknown) or '(none)'} (known: {', '.join(POLICY_NAMES)})"
+        )
+    if args.max_queue is not None and args.max_queue < 1:
+        raise UsageError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.noise < 0:
+        raise UsageError(f"--noise must be >= 0, got {args.noise}")
+    requests = _trace(args.trace, args, profile, gpus)
+    cfg = SimConfig(
+        gpus=gpus,
+        slo=slo,
+        max_queue=args.max_queue or 10 * gpus,
+        seed=args.seed,
+        noise_sigma=args.noise,
+        record=args.plot is not None,
+    )
+    results = []
+    accelerators: dict[str, dict[str, list[str]]] = {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            policy = AcceleratorLog(make_policy(name, profile, requests, gpus, slo))
+            results.append(simulate(profile, requests, policy, cfg))
+            accelerators[name] = policy.used
+        except (SimulationError, ValueError) as err:
+            raise UsageError(f"policy {name}: {err}") from None
+        if args.timing:
+            wall = time.perf_counter() - start
+            print(f"{name}: {wall:.2f} s wall for {len(requests)} requests", file=sys.stderr)
+    out = {
+        "trace": args.trace,
+        "profile": profile.name,
+        "gpus": gpus,
+        "slo": slo,
+        "requests": len(requests),
+        "duration_s": round(requests[-1].t, 3) if requests else 0.0,
+        "policies": {r.policy: r.summary() for r in results},
+    }
+    if args.plot is not None:
+        title = f"{args.trace} on {profile.name}, {gpus} GPUs, SLO {slo}"
+        _plot(results, args.plot, plot_context(title, profile, requests, slo, accelerators))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_table(out)
+    return 0
+
+
+class AcceleratorLog:
+    """A policy that notes the accelerator type it gives each pool (the simulator's
+    result holds instance counts only; the plot's legend names the type)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.used: dict[str, list[str]] = {}  # pool -> types, in order of first use
+
+    def __getattr__(self, attr: str) -> Any:
+        # The simulator looks for optional hooks (interval_s, monolithic, prepare).
+        if attr == "policy":  # not set yet (copy, pickle): no recursion
+            raise AttributeError(attr)
+        return getattr(self.policy, attr)
+
+    def initial_state(self) -> Any:
+        return self.policy.initial_state()
+
+    def decide(self, snapshot: Snapshot, state: Any, profile: Profile, knobs: Knobs) -> Decision:
+        decision = self.policy.decide(snapshot, state, profile, knobs)
+        for pool, d in decision.stages.items():
+            kinds = self.used.setdefault(pool, [])
+            if d.accelerator and d.accelerator not in kinds:
+                kinds.append(d.accelerator)
+        return decision
+
+
+def plot_context(
+    title: str,
+    profile: Profile,
+    requests: list[TraceRequest],
+    slo: str,
+    accelerators: dict[str, dict[str, list[str]]],
+) -> PlotContext:
+    """The plot's title, arrivals, SLO line and (on a mixed pool) accelerator types."""
+    from disagfusion.cli.plot import PlotContext
+    from disagfusion.scheduling.profile import STAGES, parse_slo
+
+    kind, value = parse_slo(slo)
+    if kind == "seconds":
+        slo_s, label = value, f"SLO {slo}"
+    else:  # a slowdown: its line for the profile's default request
+        accs = {s: profile.default_accelerator(s) for s in STAGES}
+        slo_s = value * profile.unloaded_latency(profile.default_request, accs)
+        label = f"SLO {slo} of the default request ({slo_s:.3g} s)"
+    return PlotContext(
+        title=title,
+        arrivals=[r.t for r in requests],
+        slo_s=slo_s,
+        slo_label=label,
+        # one type per stage says nothing; a mixed pool's legend names each stage's
+        accelerators=accelerators if len(profile.accelerators) > 1 else {},
+    )
+
+
+def _plot(results: list[SimResult], path: Path, context: PlotContext) -> None:
+    try:
+        from disagfusion.cli.plot import plot_results
+    except ImportError as err:
+        raise UsageError(f"--plot needs matplotlib ({err})") from None
+    try:
+        plot_results(results, path, context)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def _print_table(out: dict[str, Any]) -> None:
+    print(
+        f"{out['trace']} on {out['profile']}: {out['requests']} requests over"
+        f" {out['duration_s'] / 3600:.2f} h, {out['gpus']} GPUs, SLO {out['slo']}"
+    )
+    cols = (
+        "completed",
+        "rejected",
+        "latency_p50_s",
+        "latency_p95_s",
+        "slo_attainment",
+        "gpu_hours",
+        "scale_events",
+    )
+    print(f"{'policy':18}" + "".join(f"{c:>16}" for c in cols))
+    for name, row in out["policies"].items():
+        cells = "".join(f"{_cell(row[c]):>16}" for c in cols)
+        print(f"{name:18}{cells}")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.4g}"

@@ -1,0 +1,86 @@
+"""`disagfusion worker`: one stage worker, what a pod runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from disagfusion.cli.common import (
+    HELP,
+    add_handoff_args,
+    add_model_args,
+    handoff_delay,
+    non_negative_float,
+    port,
+    positive_int,
+)
+from disagfusion.worker.params import ROLES
+
+
+def register(sub: Any) -> None:
+    """Add `worker` to the `disagfusion` parser."""
+    w = sub.add_parser(
+        "worker", help="run one stage worker (what a pod runs)", formatter_class=HELP
+    )
+    w.add_argument(
+        "--stage", "--role", dest="role", choices=ROLES, required=True, help="the stage to run"
+    )
+    add_model_args(w)
+    w.add_argument("--port", type=port, required=True, help="gRPC port (Stage service)")
+    w.add_argument(
+        "--http-port", type=port, required=True, help="HTTP port: /healthz, /readyz, /metrics"
+    )
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    w.add_argument("--next", default="", help="comma-separated gRPC addresses of the next stage")
+    w.add_argument("--pipeline", default="local", help="pipeline name (metrics label)")
+    w.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    w.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)"
+    )
+    w.add_argument(
+        "--queue-capacity",
+        type=positive_int,
+        default=2,
+        help="payloads waiting for compute before the worker refuses more",
+    )
+    w.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="synchronous hand-off: receive, compute, send one request at a time",
+    )
+    w.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    w.add_argument(
+        "--drain-timeout",
+        type=non_negative_float,
+        default=120.0,
+        help="seconds a SIGTERMed worker may spend finishing what it holds",
+    )
+    add_handoff_args(w)
+    w.set_defaults(func=_cmd_worker)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from disagfusion.worker.runtime.serve import WorkerOptions, run_worker
+
+    opts = WorkerOptions(
+        role=args.role,
+        model=args.model,
+        port=args.port,
+        http_port=args.http_port,
+        host=args.host,
+        next_addrs=[a for a in args.next.split(",") if a],
+        pipeline=args.pipeline,
+        device=args.device,
+        dtype=args.dtype,
+        queue_capacity=args.queue_capacity,
+        overlap=not args.no_overlap,
+        handoff_delay=handoff_delay(args),
+        threads=args.threads,
+        drain_timeout_s=args.drain_timeout,
+    )
+    if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
+        raise SystemExit(f"error: --next is required for the {opts.role} stage")
+    return asyncio.run(run_worker(opts))

@@ -1,0 +1,1 @@
+"""Autoscaling glue: PromQL -> snapshot, the round's plan, the timer's I/O."""

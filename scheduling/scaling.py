@@ -1,0 +1,126 @@
+"""What every scaling policy reads and returns (pure data, no I/O).
+
+The operator builds a `Snapshot` from Kubernetes and Prometheus, the local
+launcher from its processes' metrics, the simulator from its own state; all
+of them hand it to the same policy code and act on the `Decision`.
+A policy is a pure function of (snapshot, its previous state, profile, knobs):
+the time is `snapshot.now`, never a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
+
+MODES = ("Disabled", "Advisory", "Active")
+
+
+@dataclass(frozen=True)
+class StageObservation:
+    """One stage as seen now. None means the metric is missing (not zero)."""
+
+    ready: int  # instances serving
+    starting: int  # asked for, not ready yet: capacity already on the way
+    desired: int  # replicas currently asked for
+    accelerator: str = ""  # "" means the profile's default for the stage
+    queue_depth: float | None = None  # payloads waiting for compute, all instances
+    in_flight: float | None = None  # payloads held: queued, computing or handing off
+    busy: float | None = None  # instances computing right now (mean over the window)
+    service_time_s: float | None = None  # observed mean compute seconds per request
+    throughput_rps: float | None = None  # completions per second over the window
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float  # seconds, any epoch; only differences matter
+    stages: Mapping[str, StageObservation]
+    arrival_rps: float | None = None  # requests/s reaching the gateway over the window
+    mix: tuple[tuple[RequestShape, float], ...] = ()  # recent shapes and their share
+    waiting: float | None = None  # accepted by the gateway, not yet taken by the encoder
+    slo_attainment: float | None = None  # share of recent requests that met the SLO
+    metrics_age_s: float | None = 0.0  # age of the newest sample; None: no metrics at all
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The tunables (the CRD's spec.autoscaling documents each default)."""
+
+    mode: str = "Active"
+    interval_s: float = 15.0  # how often the policy runs
+    target_utilization: float = 0.9  # most busy share a stage is sized for (small pools: less)
+    slo: str | None = None  # "30s" or "2x"; None: the profile's default
+    max_gpus: int | None = None  # GPU budget across all stages; None: the profile's default
+    min_replicas: Mapping[str, int] = field(default_factory=dict)  # per stage, default 1
+    max_replicas: Mapping[str, int] = field(default_factory=dict)  # per stage, default budget
+    tolerance: float = 0.1  # ignore changes within ±10 % of the current size
+    scale_up_window_s: float = 0.0  # scale up to the lowest recommendation in this window
+    scale_down_window_s: float = 300.0  # scale down to the highest recommendation in it
+    max_step_up: int = 4  # pods added per stage per decision, at least (or +100 %)
+    max_step_down: int = 0  # pods removed per stage per decision; 0: no limit
+    stale_after_s: float = 120.0  # older metrics hold the current size
+    drain_seconds: float = 60.0  # size to clear a backlog within this time
+    forecast_seconds: float | None = None  # look-ahead; None: start-up + interval - SLO slack
+
+    def min_for(self, stage: str) -> int:
+        return self.min_replicas.get(stage, 1)
+
+    def max_for(self, stage: str, default: int) -> int:
+        return self.max_replicas.get(stage, default)
+
+
+@dataclass(frozen=True)
+class StageDecision:
+    replicas: int  # what the stage should run (Advisory: what it would run)
+    accelerator: str
+    predicted: int  # the performance model's balanced size before feedback and limits
+    reason: str  # one line a person can read in `kubectl describe`
+    limited: str = ""  # "budget", "max" or "" when nothing capped the wish
+
+
+@dataclass(frozen=True)
+class Decision:
+    stages: Mapping[str, StageDecision]
+    state: Any  # the policy's own state, handed back on the next call
+    metrics_ok: bool = True  # False: metrics stale or missing, sizes held
+    predicted_throughput_rps: float | None = None
+
+    def replicas(self) -> dict[str, int]:
+        return {s: d.replicas for s, d in self.stages.items()}
+
+
+class Policy(Protocol):
+    """A scaling policy; implementations keep no hidden state between calls."""
+
+    name: str
+
+    def initial_state(self) -> Any: ...
+
+    def decide(
+        self, snapshot: Snapshot, state: Any, profile: Profile, knobs: Knobs
+    ) -> Decision: ...
+
+
+def mix_or_default(snapshot: Snapshot, profile: Profile) -> tuple[tuple[RequestShape, float], ...]:
+    """The observed shape mix, normalised; the profile's default request when none was seen."""
+    total = sum(w for _, w in snapshot.mix if w > 0)
+    if total <= 0:
+        return ((profile.default_request, 1.0),)
+    return tuple((shape, w / total) for shape, w in snapshot.mix if w > 0)
+
+
+def accelerators_of(snapshot: Snapshot, profile: Profile) -> dict[str, str]:
+    return {
+        s: (snapshot.stages[s].accelerator if s in snapshot.stages else "")
+        or profile.default_accelerator(s)
+        for s in STAGES
+    }
+
+
+def replicas_to_apply(decision: Decision, snapshot: Snapshot, mode: str) -> dict[str, int]:
+    """What the caller should run: the decision when Active, the current sizes otherwise."""
+    if mode == "Active":
+        return decision.replicas()
+    return {s: obs.desired for s, obs in snapshot.stages.items()}

@@ -1,0 +1,637 @@
+"""Discrete-event simulation of a disaggregated pipeline driven by a real policy (pure).
+
+The cluster: per stage a pool of instances on one accelerator type, fed by
+one work-conserving FIFO queue. A request runs encoder -> denoiser ->
+decoder; each hop adds `profile.handoff_seconds` of latency (the instance is
+free at once: the hand-off overlaps the next compute). Service time is the
+profile's prediction times lognormal(0, sigma) noise, drawn once per request
+and stage from a seeded `random.Random`.
+
+Scaling follows Kubernetes: a new instance holds its GPUs from creation and
+serves after `profile.startup_seconds`; pods that do not fit the GPU budget
+(or their accelerator's count) wait as pending until GPUs free up. A
+scale-down removes pending pods, then starting ones, then idle ones at once,
+then lets busy ones finish their request before leaving (drain). A
+terminating pod is never revived: growing again starts new pods. The gateway
+rejects a request when more than `max_queue` requests wait in all stage
+queues together (real workers hold only a couple of payloads each, so
+backpressure keeps any backlog in front of the first stage).
+
+The policy runs every `interval_s` on a `Snapshot` built as the operator
+builds it from Prometheus: windowed busy instances, service times,
+throughput, arrival rate and shape mix. The first decision (t = 0) is made
+on a warm snapshot (see `warm_sizes`: a pool sized for the trace's first
+five minutes, at steady state) and applied instantly: the cluster was
+already running.
+
+`static-monolithic` is simulated as one pool, "monolithic", whose instance
+runs all three stages back to back (no hand-offs) on enough GPUs to hold
+all three models.
+
+Speed: one heap of tuple events, deques per pool, integer indices,
+precomputed noise; GPU-time integrals change only when allocations change.
+The benchmark (a day, about a million requests, wall seconds per policy):
+
+    disagfusion simulate --trace builtin:diurnal --profile builtin:qwen-image-h100 \
+        --gpus 720 --requests 1000000 --policy static-disagg,hybrid --timing
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_slo
+from disagfusion.scheduling.scaling import Knobs, Policy, Snapshot, StageObservation
+from disagfusion.scheduling.traces import TraceRequest
+
+MONOLITHIC = "monolithic"
+BUSY_WINDOW_S = 30.0  # mean busy instances over this window (like a rate() over 30 s)
+RATE_WINDOW_S = 60.0  # arrivals, completions, service times
+MIX_WINDOW_S = 120.0
+SLO_WINDOW_S = 120.0
+DRAIN_LIMIT_S = 24 * 3600.0  # stop this long after the last arrival (a pool left at zero)
+_READY, _DONE, _HOP = 0, 1, 2  # event kinds; (time, kind, a, b, c) tuples on one heap
+
+
+class SimulationError(ValueError):
+    """A policy asked for something the cluster cannot be (e.g. an unknown accelerator)."""
+
+
+@dataclass(frozen=True)
+class Future:
+    """What an oracle may know in advance: arrivals and exact service times."""
+
+    arrivals: Sequence[float]
+    shapes: Sequence[RequestShape]
+    service: Callable[[str, str], list[float]]  # (stage, accelerator) -> seconds per request
+
+
+@dataclass
+class SimResult:
+    policy: str
+    pools: tuple[str, ...]
+    requests: int
+    completed: int
+    rejected: int
+    unfinished: int
+    duration_s: float
+    latencies: list[float]  # completed requests, in completion order
+    met: int  # completed within the SLO
+    gpu_hours: float
+    cost_usd: float
+    scale_events: int
+    # (time, instances per pool incl. starting and draining) at each decision, for plots
+    timeline: list[tuple[float, tuple[int, ...]]] = field(default_factory=list)
+    done_times: list[float] = field(default_factory=list)  # with `latencies`, for plots
+
+    def summary(self) -> dict[str, Any]:
+        ordered = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            if not ordered:
+                return None
+            return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 4)
+
+        return {
+            "completed": self.completed,
+            "rejected": self.rejected,
+            "unfinished": self.unfinished,
+            "throughput_rps": round(self.completed / self.duration_s, 6) if self.duration_s else 0,
+            "latency_p50_s": pct(0.50),
+            "latency_p95_s": pct(0.95),
+            "latency_p99_s": pct(0.99),
+            "slo_attainment": round(self.met / self.requests, 6) if self.requests else None,
+            "gpu_hours": round(self.gpu_hours, 4),
+            "cost_usd": round(self.cost_usd, 2),
+            "scale_events": self.scale_events,
+        }
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    gpus: int  # the budget: GPUs held by all pods, starting and draining ones included
+    slo: str  # "30s" or "2x"; a rejected request misses it
+    # Requests queued beyond this are rejected at the gateway. All stage queues count:
+    # real workers hold two payloads each, so backpressure keeps a backlog at the gateway.
+    max_queue: int
+    seed: int = 0
+    noise_sigma: float = 0.1
+    record: bool = False  # keep the timeline and completion times (plots)
+
+
+def warm_sizes(
+    profile: Profile, rate: float, mix: tuple[tuple[RequestShape, float], ...], cfg: SimConfig
+) -> dict[str, tuple[int, str]]:
+    """Per stage (replicas, accelerator) of a warm cluster: the accelerators of the
+    planner's best pool for the whole budget (policies keep a stage's type, so the
+    cheapest type for a quiet start could cap them at the peak), sized by the
+    planner's rule (`plan_for_rate`: utilization <= 0.8, its share of the SLO slack)
+    for `rate`; the whole-budget pool when that does not fit."""
+    from disagfusion.scheduling.capacity import servers_for
+    from disagfusion.scheduling.planner import (
+        mean_service_times,
+        plan_for_gpus,
+        stage_wait_budgets,
+    )
+
+    full = plan_for_gpus(profile, cfg.gpus, mix)
+    accs = {s: p.accelerator for s, p in full.stages.items()}
+    sizes = {s: (p.replicas, p.accelerator) for s, p in full.stages.items()}
+    if rate <= 0:
+        return {s: (1, a) for s, a in accs.items()}
+    try:
+        waits = stage_wait_budgets(profile, accs, mix, cfg.slo)
+    except ValueError:  # the SLO leaves no room to queue: hold the whole pool
+        return sizes
+    times = mean_service_times(profile, accs, mix)
+    want = {s: max(1, servers_for(rate, times[s], waits[s], 0.8)) for s in STAGES}
+    used: dict[str, int] = {}
+    for s in STAGES:
+        used[accs[s]] = used.get(accs[s], 0) + want[s] * profile.gpus_per_instance(s, accs[s])
+    counts = {a.name: a.count for a in profile.accelerators}
+    fits = all(counts[a] is None or n <= (counts[a] or 0) for a, n in used.items())
+    if not fits or sum(used.values()) > cfg.gpus:
+        return sizes
+    return {s: (want[s], accs[s]) for s in STAGES}
+
+
+def initial_load(
+    requests: Sequence[TraceRequest], window_s: float = 300.0
+) -> tuple[float, tuple[tuple[RequestShape, float], ...]]:
+    """Arrival rate and shape mix of the trace's first minutes (what a warm cluster saw)."""
+    first = [r for r in requests if r.t < window_s] or list(requests[:20])
+    if not first:
+        return 0.0, ()
+    span = max(window_s if first[-1].t < window_s else first[-1].t, 1e-9)
+    counts: dict[RequestShape, int] = {}
+    for r in first:
+        counts[r.shape] = counts.get(r.shape, 0) + 1
+    return len(first) / span, tuple((s, n / len(first)) for s, n in counts.items())
+
+
+class Simulator:
+    """One run of one policy over one trace. Use `run()`."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        requests: Sequence[TraceRequest],
+        policy: Policy,
+        knobs: Knobs,
+        cfg: SimConfig,
+    ) -> None:
+        self.profile, self.policy, self.knobs, self.cfg = profile, policy, knobs, cfg
+        self.arrivals = [r.t for r in requests]
+        self.interval = float(getattr(policy, "interval_s", None) or knobs.interval_s)
+        self.mono = bool(getattr(policy, "monolithic", False))
+        self.pools: tuple[str, ...] = (MONOLITHIC,) if self.mono else STAGES
+        self.slo_kind, self.slo_value = parse_slo(cfg.slo)
+        # Distinct shapes get integer ids; base times are looked up by [stage][acc][shape].
+        ids: dict[RequestShape, int] = {}
+        self.shape_of = [ids.setdefault(r.shape, len(ids)) for r in requests]
+        self.shapes = list(ids)
+        self.acc_names = [a.name for a in profile.accelerators]
+        self.base = [
+            [
+                [
+                    profile.service_time(s, a, shape) if a in profile.stages[s] else math.nan
+                    for shape in self.shapes
+                ]
+                for a in self.acc_names
+            ]
+            for s in STAGES
+        ]
+        rng = random.Random(cfg.seed)
+        sigma, n = cfg.noise_sigma, len(requests)
+        self.noise = [
+            [math.exp(rng.gauss(0.0, sigma)) for _ in range(n)] if sigma > 0 else [1.0] * n
+            for _ in STAGES
+        ]
+
+    # -- what the oracle may see -------------------------------------------------
+    def future(self) -> Future:
+        def service(stage: str, acc: str) -> list[float]:
+            si, ai = STAGES.index(stage), self.acc_names.index(acc)
+            base, noise = self.base[si][ai], self.noise[si]
+            return [base[k] * noise[i] for i, k in enumerate(self.shape_of)]
+
+        return Future(self.arrivals, [self.shapes[k] for k in self.shape_of], service)
+
+    def gpus_per_instance(self, pool: int, acc: str) -> int:
+        if not self.mono:
+            return self.profile.gpus_per_instance(STAGES[pool], acc)
+        need = sum(self.profile.stages[s][acc].memory_gb for s in STAGES)
+        have = self.profile.accelerator(acc).memory_gb
+        return max(1, math.ceil(need / have)) if have > 0 else 1
+
+    def default_accelerator(self) -> str:
+        if self.mono:  # the first accelerator that runs every stage
+            return next(
+                a for a in self.acc_names if all(a in self.profile.stages[s] for s in STAGES)
+            )
+        raise AssertionError("per-stage pools use the profile's default per stage")
+
+    def run(self) -> SimResult:
+        return _Run(self).go()
+
+
+class _Run:
+    """The mutable state of one simulation (kept apart so a Simulator can run twice)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        k = len(sim.pools)
+        self.acc = [
+            sim.default_accelerator() if sim.mono else sim.profile.default_accelerator(s)
+            for s in sim.pools
+        ]
+        self.acc_i = [sim.acc_names.index(a) for a in self.acc]
+        self.unloaded = [0.0] * len(sim.arrivals)  # per request: noise-free compute seconds
+        self.queue: list[deque[int]] = [deque() for _ in range(k)]
+        self.idle: list[list[int]] = [[] for _ in range(k)]
+        self.starting: list[list[int]] = [[] for _ in range(k)]
+        self.busy = [0] * k
+        self.draining = [0] * k  # busy instances that leave after their request
+        self.owed = [0] * k  # of those, the ones owed by a scale-down (not an accelerator move)
+        self.pending = [0] * k  # pods asked for that do not fit the budget yet
+        self.target = [0] * k
+        self.handing = [0] * k
+        # Instances: pool, accelerator index, GPUs, state (0 starting, 1 up, 2 gone).
+        self.i_pool: list[int] = []
+        self.i_acc: list[int] = []
+        self.i_gpus: list[int] = []
+        self.i_state: list[int] = []
+        self.alloc = 0
+        self.acc_alloc = dict.fromkeys(sim.acc_names, 0)
+        self.price = {a.name: a.cost_per_hour / 3600.0 for a in sim.profile.accelerators}
+        self.limit = {a.name: a.count for a in sim.profile.accelerators}
+        self.cost_rate = 0.0
+        self.gpu_s = self.cost = 0.0
+        self.last_alloc_t = 0.0
+        # Windowed metrics: cumulative counters, sampled at each decision.
+        self.busy_int = [0.0] * k
+        self.busy_t = [0.0] * k
+        self.comps = [0] * k
+        self.comp_s = [0.0] * k
+        self.arrived = 0
+        self.samples: deque[tuple[float, list[float], list[int], list[float], int]] = deque()
+        self.mix_q: deque[tuple[float, int]] = deque()
+        self.mix_n = [0] * len(sim.shapes)
+        self.slo_q: deque[tuple[float, int]] = deque()
+        self.slo_met = 0
+        self.heap: list[tuple[float, int, int, int, float]] = []
+        self.now = 0.0
+        self.scale_events = 0
+
+    # -- GPUs ------------------------------------------------------------------------
+    def _account(self, t: float) -> None:
+        dt = t - self.last_alloc_t
+        if dt > 0:
+            self.gpu_s += self.alloc * dt
+            self.cost += self.cost_rate * dt
+            self.last_alloc_t = t
+
+    def _free(self, inst: int) -> None:
+        self._account(self.now)
+        g, a = self.i_gpus[inst], self.sim.acc_names[self.i_acc[inst]]
+        self.i_state[inst] = 2
+        self.alloc -= g
+        self.acc_alloc[a] -= g
+        self.cost_rate -= g * self.price[a]
+
+    def _create(self, pool: int, ready: bool) -> bool:
+        acc = self.acc[pool]
+        g = self.sim.gpus_per_instance(pool, acc)
+        lim = self.limit[acc]
+        if self.alloc + g > self.sim.cfg.gpus or (
+            lim is not None and self.acc_alloc[acc] + g > lim
+        ):
+            return False
+        self._account(self.now)
+        inst = len(self.i_pool)
+        self.i_pool.append(pool)
+        self.i_acc.append(self.sim.acc_names.index(acc))
+        self.i_gpus.append(g)
+        self.alloc += g
+        self.acc_alloc[acc] += g
+        self.cost_rate += g * self.price[acc]
+        if ready:
+            self.i_state.append(1)
+            self._serve_or_idle(pool, inst)
+        else:
+            self.i_state.append(0)
+            self.starting[pool].append(inst)
+            heapq.heappush(
+                self.heap, (self.now + self.sim.profile.startup_seconds, _READY, inst, 0, 0.0)
+            )
+        return True
+
+    def _schedule(self, ready: bool = False) -> None:
+        """Start pending pods, one per pool in turn, while the budget has room."""
+        progress = True
+        while progress:
+            progress = False
+            for p in range(len(self.pending)):
+                if self.pending[p] and self._create(p, ready):
+                    self.pending[p] -= 1
+                    progress = True
+
+    def _live(self, p: int) -> int:
+        return (
+            self.pending[p]
+            + len(self.starting[p])
+            + len(self.idle[p])
+            + self.busy[p]
+            - self.draining[p]
+        )
+
+    def _scale(self, p: int, target: int, acc: str) -> None:
+        if acc != self.acc[p]:  # an accelerator move: every old pod leaves, new ones start
+            self.acc[p] = acc
+            self.acc_i[p] = self.sim.acc_names.index(acc)
+            for inst in self.starting[p] + self.idle[p]:
+                self._free(inst)
+            self.starting[p], self.idle[p] = [], []
+            self.pending[p] = self.owed[p] = 0
+            self.draining[p] = self.busy[p]
+        self.target[p] = target
+        extra = self._live(p) - target
+        cut = min(extra, self.pending[p]) if extra > 0 else 0
+        self.pending[p] -= cut
+        extra -= cut
+        while extra > 0 and self.starting[p]:  # newest first
+            self._free(self.starting[p].pop())
+            extra -= 1
+        while extra > 0 and self.idle[p]:
+            self._free(self.idle[p].pop())
+            extra -= 1
+        if extra > 0:
+            self.draining[p] += extra
+            self.owed[p] += extra
+        elif extra < 0:
+            self.pending[p] -= extra
+
+    # -- requests --------------------------------------------------------------------
+    def _start(self, p: int, inst: int, r: int, t: float) -> None:
+        sim = self.sim
+        self.busy_int[p] += self.busy[p] * (t - self.busy_t[p])
+        self.busy_t[p] = t
+        self.busy[p] += 1
+        a, k = self.i_acc[inst], sim.shape_of[r]
+        if sim.mono:
+            base = sum(sim.base[s][a][k] for s in range(len(STAGES)))
+            st = sum(sim.base[s][a][k] * sim.noise[s][r] for s in range(len(STAGES)))
+        else:
+            base = sim.base[p][a][k]
+            st = base * sim.noise[p][r]
+        self.unloaded[r] += base
+        heapq.heappush(self.heap, (t + st, _DONE, inst, r, st))
+
+    def _serve_or_idle(self, p: int, inst: int) -> None:
+        if self.queue[p]:
+            self._start(p, inst, self.queue[p].popleft(), self.now)
+        else:
+            self.idle[p].append(inst)
+
+    # -- the snapshot the operator would build ------------------------------------------
+    def _snapshot(self, t: float) -> Snapshot:
+        k = len(self.sim.pools)
+        for p in range(k):
+            self.busy_int[p] += self.busy[p] * (t - self.busy_t[p])
+            self.busy_t[p] = t
+        self.samples.append(
+            (t, list(self.busy_int), list(self.comps), list(self.comp_s), self.arrived)
+        )
+        while len(self.samples) > 1 and self.samples[1][0] <= t - RATE_WINDOW_S:
+            self.samples.popleft()
+        old = self.samples[0]
+        busy_old = next((s for s in self.samples if s[0] >= t - BUSY_WINDOW_S), old)
+        span, busy_span = t - old[0], t - busy_old[0]
+        while self.mix_q and self.mix_q[0][0] < t - MIX_WINDOW_S:
+            self.mix_n[self.mix_q.popleft()[1]] -= 1
+        while self.slo_q and self.slo_q[0][0] < t - SLO_WINDOW_S:
+            self.slo_met -= self.slo_q.popleft()[1]
+        stages = {}
+        for p, name in enumerate(self.sim.pools):
+            done = self.comps[p] - old[2][p]
+            stages[name] = StageObservation(
+                ready=len(self.idle[p]) + self.busy[p] - self.draining[p],
+                starting=len(self.starting[p]) + self.pending[p],
+                desired=self.target[p],
+                accelerator=self.acc[p],
+                queue_depth=float(len(self.queue[p])) if p else 0.0,
+                in_flight=float(len(self.queue[p]) + self.busy[p] + self.handing[p]),
+                busy=(self.busy_int[p] - busy_old[1][p]) / busy_span if busy_span > 0 else None,
+                service_time_s=(self.comp_s[p] - old[3][p]) / done if done else None,
+                throughput_rps=done / span if span > 0 else None,
+            )
+        seen = sum(self.mix_n)
+        mix = tuple((self.sim.shapes[i], n / seen) for i, n in enumerate(self.mix_n) if n)
+        return Snapshot(
+            now=t,
+            stages=stages,
+            arrival_rps=(self.arrived - old[4]) / span if span > 0 else None,
+            mix=mix,
+            waiting=float(len(self.queue[0])),
+            slo_attainment=self.slo_met / len(self.slo_q) if self.slo_q else None,
+            metrics_age_s=0.0,
+        )
+
+    def _warm_snapshot(self) -> Snapshot:
+        """t = 0: the planner's pool for the first minutes' load, at steady state."""
+        sim = self.sim
+        rate, mix = initial_load(
+            [
+                TraceRequest(t, sim.shapes[k])
+                for t, k in zip(sim.arrivals[:5000], sim.shape_of, strict=False)
+            ]
+        )
+        if sim.mono:
+            return Snapshot(now=0.0, stages={}, arrival_rps=rate, mix=mix)
+        sizes = warm_sizes(sim.profile, rate, mix or ((sim.profile.default_request, 1.0),), sim.cfg)
+        stages = {}
+        for s, (n, acc) in sizes.items():
+            t = sum(w * sim.profile.service_time(s, acc, shape) for shape, w in mix) if mix else 0.0
+            stages[s] = StageObservation(
+                ready=n,
+                starting=0,
+                desired=n,
+                accelerator=acc,
+                queue_depth=0.0,
+                in_flight=rate * t,
+                busy=rate * t,
+                service_time_s=t or None,
+                throughput_rps=rate,
+            )
+        return Snapshot(now=0.0, stages=stages, arrival_rps=rate, mix=mix, waiting=0.0)
+
+    def _decide(self, snap: Snapshot, state: Any, ready: bool) -> Any:
+        sim = self.sim
+        decision = sim.policy.decide(snap, state, sim.profile, sim.knobs)
+        for p, name in enumerate(sim.pools):
+            d = decision.stages.get(name)
+            if d is None:
+                continue
+            acc = d.accelerator or self.acc[p]
+            stage_ok = sim.mono or acc in sim.profile.stages[name]
+            if acc not in sim.acc_names or not stage_ok:
+                raise SimulationError(f"policy {sim.policy.name}: {name} cannot run on {acc!r}")
+            target = max(0, int(d.replicas))
+            if target != self.target[p] or acc != self.acc[p]:
+                self.scale_events += not ready
+                self._scale(p, target, acc)
+        self._schedule(ready)
+        return decision.state
+
+    # -- the loop ----------------------------------------------------------------------
+    def go(self) -> SimResult:  # one hot loop, kept in one place for speed
+        sim, cfg = self.sim, self.sim.cfg
+        arrivals, n = sim.arrivals, len(sim.arrivals)
+        hop = sim.profile.handoff_seconds
+        last = len(sim.pools) - 1
+        hops = 0.0 if sim.mono else hop * last
+        slo_x = sim.slo_value if sim.slo_kind == "slowdown" else 0.0
+        slo_s = sim.slo_value if sim.slo_kind == "seconds" else 0.0
+        heap, queue, idle, heappush, heappop = (
+            self.heap,
+            self.queue,
+            self.idle,
+            heapq.heappush,
+            heapq.heappop,
+        )
+        latencies: list[float] = []
+        done_times: list[float] = []
+        timeline: list[tuple[float, tuple[int, ...]]] = []
+        rejected = met = 0
+        if hasattr(sim.policy, "prepare"):  # the oracle
+            sim.policy.prepare(sim.future())
+        state = self._decide(self._warm_snapshot(), sim.policy.initial_state(), ready=True)
+        if cfg.record:
+            timeline.append((0.0, tuple(self._held(p) for p in range(last + 1))))
+        self.samples.clear()
+        self._snapshot(0.0)  # the first window starts here
+        next_tick = sim.interval
+        i = 0
+        in_system = 0
+        end = arrivals[-1] + DRAIN_LIMIT_S if n else 0.0
+        inf = math.inf
+        while i < n or in_system:
+            t_ev = heap[0][0] if heap else inf
+            t_arr = arrivals[i] if i < n else inf
+            if t_ev <= t_arr and t_ev <= next_tick:
+                t, kind, inst, r, st = heappop(heap)
+                self.now = t
+                if kind == _DONE:
+                    p = self.i_pool[inst]
+                    self.busy_int[p] += self.busy[p] * (t - self.busy_t[p])
+                    self.busy_t[p] = t
+                    self.busy[p] -= 1
+                    self.comps[p] += 1
+                    self.comp_s[p] += st
+                    if p == last:
+                        lat = t - arrivals[r]
+                        ok = lat <= (slo_x * (self.unloaded[r] + hops) if slo_x else slo_s)
+                        latencies.append(lat)
+                        met += ok
+                        self.slo_q.append((t, ok))
+                        self.slo_met += ok
+                        in_system -= 1
+                        if cfg.record:
+                            done_times.append(t)
+                    else:
+                        self.handing[p] += 1
+                        heappush(heap, (t + hop, _HOP, p + 1, r, 0.0))
+                    if self.draining[p] and (self.i_acc[inst] != self.acc_i[p] or self.owed[p]):
+                        if self.i_acc[inst] == self.acc_i[p]:
+                            self.owed[p] -= 1
+                        self.draining[p] -= 1
+                        self._free(inst)
+                        self._schedule()
+                    elif queue[p]:
+                        self._start(p, inst, queue[p].popleft(), t)
+                    else:
+                        idle[p].append(inst)
+                elif kind == _HOP:
+                    p = inst
+                    self.handing[p - 1] -= 1
+                    if idle[p] and not queue[p]:
+                        self._start(p, idle[p].pop(), r, t)
+                    else:
+                        queue[p].append(r)
+                elif self.i_state[inst] == 0:  # _READY, unless removed while starting
+                    p = self.i_pool[inst]
+                    self.i_state[inst] = 1
+                    self.starting[p].remove(inst)
+                    self._serve_or_idle(p, inst)
+            elif t_arr <= next_tick:
+                t = self.now = t_arr
+                r = i
+                i += 1
+                self.arrived += 1
+                self.mix_q.append((t, sim.shape_of[r]))
+                self.mix_n[sim.shape_of[r]] += 1
+                if sum(map(len, queue)) >= cfg.max_queue:
+                    rejected += 1
+                    self.slo_q.append((t, 0))
+                    continue
+                in_system += 1
+                if idle[0] and not queue[0]:
+                    self._start(0, idle[0].pop(), r, t)
+                else:
+                    queue[0].append(r)
+            else:
+                if next_tick > end:
+                    break
+                t = self.now = next_tick
+                next_tick += sim.interval
+                state = self._decide(self._snapshot(t), state, ready=False)
+                if cfg.record:
+                    timeline.append((t, tuple(self._held(p) for p in range(last + 1))))
+        self._account(self.now)
+        duration = max(self.now, arrivals[-1] if n else 0.0)
+        return SimResult(
+            policy=sim.policy.name,
+            pools=sim.pools,
+            requests=n,
+            completed=len(latencies),
+            rejected=rejected,
+            unfinished=in_system,
+            duration_s=duration,
+            latencies=latencies,
+            met=met,
+            gpu_hours=self.gpu_s / 3600.0,
+            cost_usd=self.cost,
+            scale_events=self.scale_events,
+            timeline=timeline,
+            done_times=done_times,
+        )
+
+    def _held(self, p: int) -> int:
+        """Instances holding GPUs in pool p: starting, up and draining."""
+        return len(self.starting[p]) + len(self.idle[p]) + self.busy[p]
+
+
+def simulate(
+    profile: Profile,
+    requests: Sequence[TraceRequest],
+    policy: Policy,
+    cfg: SimConfig,
+    knobs: Knobs | None = None,
+) -> SimResult:
+    """Run `policy` over `requests`; the knobs default to the budget and SLO of `cfg`."""
+    knobs = knobs or Knobs(slo=cfg.slo, max_gpus=cfg.gpus)
+    return Simulator(profile, requests, policy, knobs, cfg).run()
+
+
+def timeline_of(result: SimResult) -> Mapping[str, list[tuple[float, int]]]:
+    """Per pool, (time, instances) points of the recorded timeline."""
+    return {
+        name: [(t, counts[p]) for t, counts in result.timeline]
+        for p, name in enumerate(result.pools)
+    }

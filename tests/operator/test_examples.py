@@ -1,0 +1,297 @@
+"""The examples are valid DiffusionPipelines: they pass the CRD's schema and the operator.
+
+Each example is checked against the openAPIV3Schema of the CRD in `crds/`
+the way a strict API server would (`kubectl apply --validate=strict`):
+types, required fields, enums and bounds, and no unknown field in an object
+that does not preserve unknown fields. The CEL rules are the operator's own
+spec validation, run here too, and the operator's renderer turns each example
+into the StatefulSets it describes.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from disagfusion.operator.render import Owner, render_all
+from disagfusion.operator.spec import DEFAULT_IMAGE, MAX_SERVED_NAME, parse_spec, validate_spec
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "disagfusion.io_diffusionpipelines.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def load_crd() -> dict[str, Any]:
+    assert CRD.exists(), f"{CRD.relative_to(REPO)} is missing; the examples cannot be checked"
+    crd: dict[str, Any] = yaml.safe_load(CRD.read_text())
+    assert crd["kind"] == "CustomResourceDefinition"
+    return crd
+
+
+def strict(schema: Any) -> Any:
+    """A structural schema as a JSON Schema (draft 4, like OpenAPI 3.0) that rejects unknowns.
+
+    Objects with `properties` and neither `additionalProperties` nor
+    `x-kubernetes-preserve-unknown-fields` reject other fields, as a strict
+    server-side field validation does; int-or-string becomes an anyOf;
+    `nullable` allows null.
+    """
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items() if k != "x-kubernetes-validations"}
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (
+        out.get("type") == "object"
+        and "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def validator() -> jsonschema.Draft4Validator:
+    crd = load_crd()
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    schema = strict(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema)
+
+
+def api_version() -> str:
+    crd = load_crd()
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    return f"{crd['spec']['group']}/{version['name']}"
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path.name} is empty"
+    return docs
+
+
+def pipelines(path: Path) -> list[dict[str, Any]]:
+    return [d for d in documents(path) if d.get("kind") == "DiffusionPipeline"]
+
+
+def errors(obj: dict[str, Any]) -> list[str]:
+    return [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in validator().iter_errors(obj)
+    ]
+
+
+def example(name: str) -> dict[str, Any]:
+    (pipeline,) = pipelines(REPO / "examples" / name)
+    return pipeline
+
+
+def test_the_crd_exists() -> None:
+    load_crd()
+
+
+def test_both_examples_exist() -> None:
+    assert {"tiny-local.yaml", "sd3-gpu.yaml"} <= {p.name for p in EXAMPLES}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates_against_the_crd_schema(path: Path) -> None:
+    found = pipelines(path)
+    assert found, f"{path.name} holds no DiffusionPipeline"
+    crd = load_crd()
+    for obj in found:
+        assert obj["apiVersion"] == api_version()
+        assert obj["kind"] == crd["spec"]["names"]["kind"]
+        name = obj["metadata"]["name"]
+        # Child names are <name>-<stage>-<ordinal> pods behind <name>-<stage> Services.
+        assert DNS_LABEL.fullmatch(name) and len(name) <= 40, name
+        assert "status" not in obj
+        assert errors(obj) == []
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_passes_the_operators_spec_validation(path: Path) -> None:
+    for obj in pipelines(path):
+        assert validate_spec(obj["spec"]) == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda o: o["spec"].update(bogus=1), "spec"),
+        (lambda o: o["spec"]["stages"]["denoiser"].update(replica=2), "spec.stages.denoiser"),
+        (lambda o: o["spec"]["autoscaling"].update(mode="Sometimes"), "spec.autoscaling.mode"),
+        (lambda o: o["spec"]["model"].pop("source"), "spec.model"),
+        (lambda o: o["spec"]["stages"]["encoder"].update(replicas="1"), "spec.stages.encoder"),
+        (lambda o: o["spec"]["stages"]["decoder"].update(replicas=-1), "spec.stages.decoder"),
+        (lambda o: o["spec"]["gateway"].update(requestTimeoutSeconds=0), "spec.gateway"),
+        (lambda o: o["spec"]["model"].update(mountPath="models"), "spec.model.mountPath"),
+    ],
+)
+def test_the_schema_check_rejects_mistakes(mutate: Any, where: str) -> None:
+    obj = copy.deepcopy(example("tiny-local.yaml"))
+    mutate(obj)
+    found = errors(obj)
+    assert found and all(e.startswith(where) for e in found), found
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("servedName", ""),
+        ("servedName", "m"),
+        ("servedName", "m" * MAX_SERVED_NAME),
+        ("servedName", "m" * (MAX_SERVED_NAME + 1)),
+        ("servedName", 7),
+        ("image", ""),
+        ("image", "registry.example.com/w:1"),
+    ],
+)
+def test_the_schema_and_the_operator_agree_on_strings(key: str, value: Any) -> None:
+    """spec.model.servedName and spec.image: the CRD rejects exactly what the operator does."""
+    obj = copy.deepcopy(example("tiny-local.yaml"))
+    (obj["spec"]["model"] if key == "servedName" else obj["spec"])[key] = value
+    assert bool(errors(obj)) == bool(validate_spec(obj["spec"])), (errors(obj), key, value)
+
+
+def test_preserved_fields_stay_open() -> None:
+    obj = copy.deepcopy(example("sd3-gpu.yaml"))
+    obj["spec"]["model"]["volume"] = {"nfs": {"server": "nfs.local", "path": "/models"}}
+    obj["spec"]["stages"]["denoiser"]["affinity"] = {"nodeAffinity": {"x": 1}}
+    obj["spec"]["stages"]["denoiser"]["resources"]["limits"]["example.com/fpga"] = 2
+    assert errors(obj) == []
+
+
+def replicas(obj: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(obj["spec"]["stages"][s]["replicas"] for s in ("encoder", "denoiser", "decoder"))
+
+
+def gpus(stage: dict[str, Any]) -> Any:
+    return (stage.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu")
+
+
+def test_tiny_local_is_a_cpu_builtin_one_to_one_to_one() -> None:
+    obj = example("tiny-local.yaml")
+    assert obj["spec"]["model"]["source"] == "builtin:tiny-unet"
+    assert replicas(obj) == (1, 1, 1)
+    assert all(gpus(s) is None for s in obj["spec"]["stages"].values())
+    # The e2e test scales the denoiser to 2.
+    assert obj["spec"]["stages"]["denoiser"]["maxReplicas"] >= 2
+
+
+def test_sd3_gpu_is_one_to_four_to_one_on_gpus_from_a_pvc() -> None:
+    obj = example("sd3-gpu.yaml")
+    spec = obj["spec"]
+    assert spec["model"]["family"] == "mmdit"
+    assert spec["model"]["volume"]["persistentVolumeClaim"]["claimName"]
+    assert replicas(obj) == (1, 4, 1)
+    denoiser = spec["stages"]["denoiser"]
+    assert gpus(denoiser) == 1
+    assert denoiser["nodeSelector"]
+    assert spec["autoscaling"]["mode"] == "Advisory"
+
+
+def rendered_statefulsets(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    owner = Owner(obj["metadata"]["name"], "default", "uid-1")
+    children = render_all(owner, parse_spec(obj["spec"]))
+    return {c.name: c.body for c in children if c.kind == "StatefulSet"}
+
+
+def test_the_operator_renders_the_sd3_denoisers_on_gpus() -> None:
+    sets = rendered_statefulsets(example("sd3-gpu.yaml"))
+    assert {name: s["spec"]["replicas"] for name, s in sets.items()} == {
+        "sd3-encoder": 1,
+        "sd3-denoiser": 4,
+        "sd3-decoder": 1,
+    }
+    pod = sets["sd3-denoiser"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--device" in container["args"] and "cuda" in container["args"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ["sd3-weights"]
+
+
+def test_the_operator_renders_the_tiny_pipeline_on_cpu() -> None:
+    sets = rendered_statefulsets(example("tiny-local.yaml"))
+    assert sorted(sets) == ["tiny-decoder", "tiny-denoiser", "tiny-encoder"]
+    for body in sets.values():
+        (container,) = body["spec"]["template"]["spec"]["containers"]
+        assert "cuda" not in container["args"]
+        assert "builtin:tiny-unet" in container["args"]
+
+
+def images(obj: dict[str, Any], default_image: str = DEFAULT_IMAGE) -> set[str]:
+    owner = Owner(obj["metadata"]["name"], "default", "uid-1")
+    children = render_all(owner, parse_spec(obj["spec"], default_image=default_image))
+    return {
+        c.body["spec"]["template"]["spec"]["containers"][0]["image"]
+        for c in children
+        if c.kind in ("StatefulSet", "Deployment")
+    }
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run_the_operators_worker_image(path: Path) -> None:
+    """No image in an example: applied unchanged, it runs the chart's workerImage."""
+    for obj in pipelines(path):
+        spec = obj["spec"]
+        assert "image" not in spec and "image" not in spec.get("gateway", {})
+        assert all("image" not in s for s in spec.get("stages", {}).values())
+        assert images(obj) == {DEFAULT_IMAGE}
+        assert images(obj, "registry.example.com/w:2") == {"registry.example.com/w:2"}
+
+
+def comment_lines(path: Path) -> set[str]:
+    return {
+        line.lstrip("#").strip() for line in path.read_text().splitlines() if line.startswith("#")
+    }
+
+
+def build_steps(worker_build: str = "docker build -f worker/Dockerfile") -> list[str]:
+    """What makes the chart's default images exist on kind (values.yaml, Chart.yaml)."""
+    chart = REPO / "charts" / "disagfusion"
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    tag = yaml.safe_load((chart / "Chart.yaml").read_text())["appVersion"]
+    worker = f"{values['workerImage']['repository']}:{tag}"
+    operator = f"{values['image']['repository']}:{tag}"
+    return [
+        f"{worker_build} -t {worker} .",
+        f"docker build -f operator/Dockerfile -t {operator} .",
+        f"kind load docker-image {worker} {operator}",
+    ]
+
+
+CUDA_WORKER = (
+    "docker build -f worker/Dockerfile "
+    "--build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128"
+)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_comments_build_and_load_the_images_first(path: Path) -> None:
+    # The GPU example needs a worker with CUDA torch; the others the default CPU build.
+    steps = build_steps(CUDA_WORKER if "gpu" in path.name else "docker build -f worker/Dockerfile")
+    lines = comment_lines(path)
+    missing = [step for step in steps if step not in lines]
+    assert not missing, f"{path.name} lacks {missing}"
+    assert any(line.startswith("helm install disagfusion charts/disagfusion") for line in lines)
+    assert "ghcr.io" not in path.read_text()

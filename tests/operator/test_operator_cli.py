@@ -1,0 +1,124 @@
+"""`disagfusion operator` started exactly as a user starts it, against KMock.
+
+No test-only login handler: the subprocess gets a kubeconfig (server URL +
+bearer-token user) in $KUBECONFIG and must log in the way it would against a
+real cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import urllib.request
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from disagfusion.worker.local.launcher import free_port
+from tests.operator.kubeconfig import write_kubeconfig
+from tests.operator.test_operator_kmock import (
+    CRD,
+    DEPLOY,
+    NS,
+    STAGES,
+    STS,
+    SVC,
+    Cluster,
+    cluster,
+    condition,
+    eventually,
+)
+
+__all__ = ["cluster"]  # the KMock fixture, shared with the in-process operator tests
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-local.yaml"
+TOKEN = "s3cret-token"
+WORKER_IMAGE = "registry.example/disagfusion-worker:9"
+pytestmark = pytest.mark.timeout(120)
+
+
+def _operator_env(kubeconfig: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
+    env["KUBECONFIG"] = str(kubeconfig)
+    return env
+
+
+async def _start_operator(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "disagfusion",
+        "operator",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+def _scrape(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return str(resp.read().decode())
+    except OSError:
+        return ""
+
+
+async def test_operator_logs_in_with_a_kubeconfig_and_reconciles_the_example(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.url, TOKEN)
+    metrics_port = free_port()
+    env = _operator_env(kubeconfig)
+    env["DISAGFUSION_WORKER_IMAGE"] = WORKER_IMAGE  # as the chart sets it
+    proc = await _start_operator(env, "--all-namespaces", "--metrics-port", str(metrics_port))
+    try:
+        body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+        body["metadata"]["namespace"] = NS  # kubectl apply -n ml -f examples/tiny-local.yaml
+        await cluster.create(body)
+        name = body["metadata"]["name"]
+        for stage in STAGES:
+            sts = await eventually(partial(cluster.get, STS, f"{name}-{stage}"), timeout=60)
+            assert sts["spec"]["replicas"] == 1
+            # The example sets no spec.image: the chart's worker image is used.
+            assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == WORKER_IMAGE
+            await eventually(partial(cluster.get, SVC, f"{name}-{stage}"))
+        await eventually(lambda: cluster.get(DEPLOY, f"{name}-gateway"))
+        await eventually(lambda: cluster.get(SVC, f"{name}-gateway"))
+        status = await eventually(
+            lambda: condition(cluster.get(CRD, name), "Ready") and cluster.get(CRD, name)
+        )
+        assert status["status"]["gateway"]["endpoint"] == f"http://{name}-gateway.{NS}.svc:8000"
+        # It authenticated as the kubeconfig's token user.
+        auth = {r.headers.get("Authorization") for r in cluster.emulator._requests}
+        assert f"Bearer {TOKEN}" in auth
+        text = await asyncio.to_thread(_scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+        assert 'disagfusion_operator_reconcile_total{result="ok"}' in text
+
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.stdout is not None
+    log = (await proc.stdout.read()).decode(errors="replace")
+    assert "LoginError" not in log and "authentication has failed" not in log, log
+
+
+async def test_operator_without_any_cluster_configuration_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    proc = await _start_operator(_operator_env(tmp_path / "missing-kubeconfig"))
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    lines = out.decode().strip().splitlines()
+    assert proc.returncode == 2
+    assert len(lines) == 1, lines
+    assert "KUBECONFIG" in lines[0] and "cluster" in lines[0]
+    assert "Traceback" not in lines[0]

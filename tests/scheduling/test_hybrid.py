@@ -1,0 +1,239 @@
+"""The hybrid policy, one rule a test, with injected time (no clock, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from disagfusion.scheduling.builtin_profiles import builtin_profile
+from disagfusion.scheduling.capacity import servers_for
+from disagfusion.scheduling.hybrid import HybridPolicy, HybridState
+from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
+from disagfusion.scheduling.scaling import (
+    Decision,
+    Knobs,
+    Snapshot,
+    StageObservation,
+    replicas_to_apply,
+)
+
+QWEN = builtin_profile("qwen-image-h100")  # encoder 0.26 s, denoiser 25.3 s, decoder 0.31 s
+POLICY = HybridPolicy()
+FAST = Knobs(max_gpus=1000, scale_down_window_s=0.0, max_step_up=10_000)
+
+
+def snap(
+    now: float,
+    sizes: dict[str, int],
+    rate: float | None,
+    profile: Profile = QWEN,
+    queue: dict[str, float] | None = None,
+    observed: dict[str, float] | None = None,
+    starting: dict[str, int] | None = None,
+    age: float | None = 0.0,
+    mix: tuple[tuple[RequestShape, float], ...] = (),
+    attainment: float | None = None,
+) -> Snapshot:
+    stages = {}
+    for s in STAGES:
+        n = sizes[s]
+        up = (starting or {}).get(s, 0)
+        stages[s] = StageObservation(
+            ready=n - up,
+            starting=up,
+            desired=n,
+            queue_depth=(queue or {}).get(s, 0.0),
+            service_time_s=(observed or {}).get(
+                s, profile.service_time(s, "H100", profile.default_request)
+            ),
+        )
+    return Snapshot(
+        now=now,
+        stages=stages,
+        arrival_rps=rate,
+        mix=mix,
+        metrics_age_s=age,
+        slo_attainment=attainment,
+    )
+
+
+def run(snapshots: list[Snapshot], knobs: Knobs = FAST, profile: Profile = QWEN) -> list[Decision]:
+    state: HybridState = POLICY.initial_state()
+    out = []
+    for s in snapshots:
+        d = POLICY.decide(s, state, profile, knobs)
+        state = d.state
+        out.append(d)
+    return out
+
+
+ONES = {"encoder": 1, "denoiser": 1, "decoder": 1}
+
+
+def test_balance_follows_each_stages_work() -> None:
+    (d,) = run([snap(0, ONES, rate=2.0)])
+    r = d.replicas()
+    # 2 req/s x 25.3 s = 50.6 busy denoisers, at most 90 % busy; light stages need 1-2.
+    assert r["denoiser"] >= servers_for(2.0, 25.3, 1e9, 0.9) == 57
+    assert r["denoiser"] <= 60
+    assert 1 <= r["encoder"] <= 3 and 1 <= r["decoder"] <= 3
+    assert d.stages["denoiser"].predicted == r["denoiser"]
+    assert "req/s" in d.stages["denoiser"].reason and d.metrics_ok
+
+
+def test_step_counts_in_the_mix_move_the_ratio() -> None:
+    light = ((RequestShape(1328, 1328, 1, 4), 1.0),)
+    heavy = ((RequestShape(1328, 1328, 1, 50), 1.0),)
+    (a,) = run([snap(0, ONES, rate=2.0, mix=light)])
+    (b,) = run([snap(0, ONES, rate=2.0, mix=heavy)])
+    # 12.5x the denoising work: far more denoisers, about the same encoders.
+    assert b.replicas()["denoiser"] >= 4 * a.replicas()["denoiser"]
+    assert b.replicas()["encoder"] <= a.replicas()["encoder"] + 1
+
+
+def test_observed_slowness_corrects_the_model() -> None:
+    slow = {"denoiser": 50.6}  # twice the profile's 25.3 s
+    decisions = run([snap(15 * i, ONES, rate=1.0, observed=slow) for i in range(12)])
+    first, last = decisions[0].stages["denoiser"], decisions[-1].stages["denoiser"]
+    assert first.predicted == last.predicted  # the model alone does not see it
+    assert last.replicas >= 1.9 * last.predicted
+    assert "observed/predicted" in last.reason
+
+
+def test_backlog_adds_pods_to_drain_it() -> None:
+    calm, busy = (
+        run([snap(0, ONES, rate=0.5)]),
+        run([snap(0, ONES, rate=0.5, queue={"denoiser": 200})]),
+    )
+    assert busy[0].replicas()["denoiser"] > calm[0].replicas()["denoiser"] + 20
+    assert "backlog" in busy[0].stages["denoiser"].reason
+
+
+def test_gateway_waiting_counts_as_encoder_backlog() -> None:
+    base = snap(0, ONES, rate=1.0)
+    (d,) = run([replace(base, waiting=500.0)])
+    assert d.replicas()["encoder"] > run([base])[0].replicas()["encoder"]
+
+
+def test_budget_goes_to_the_bottleneck() -> None:
+    (d,) = run([snap(0, ONES, rate=5.0)], knobs=replace(FAST, max_gpus=40))
+    r = d.replicas()
+    assert sum(r.values()) <= 40
+    assert r["denoiser"] >= 37 and r["encoder"] >= 1 and r["decoder"] >= 1
+    assert d.stages["denoiser"].limited == "budget"
+
+
+def test_full_budget_moves_instances_between_stages() -> None:
+    # 12 encoders idle while the denoisers are the bottleneck: move them now.
+    sizes = {"encoder": 12, "denoiser": 26, "decoder": 2}
+    knobs = replace(FAST, max_gpus=40, scale_down_window_s=300.0)
+    (d,) = run([snap(0, sizes, rate=3.0)], knobs=knobs)
+    r = d.replicas()
+    assert r["encoder"] < 12 and r["denoiser"] > 26
+    assert sum(r.values()) <= 40
+    assert "budget" in d.stages["encoder"].reason
+
+
+def test_scale_down_waits_for_the_window_then_goes() -> None:
+    knobs = replace(FAST, scale_down_window_s=300.0)
+    big = {"encoder": 2, "denoiser": 66, "decoder": 2}
+    # Load drops at t=0 from what needed 66 denoisers to a third of it.
+    ds = run([snap(0, big, rate=2.4)] + [snap(t, big, rate=0.6) for t in range(15, 400, 15)], knobs)
+    during = [d for d, t in zip(ds, range(0, 400, 15), strict=False) if t < 300]
+    assert all(d.replicas()["denoiser"] == 66 for d in during)
+    assert "window" in during[-1].stages["denoiser"].reason
+    assert ds[-1].replicas()["denoiser"] < 30
+
+
+def test_tolerance_ignores_small_changes() -> None:
+    sizes = {"encoder": 2, "denoiser": 60, "decoder": 2}
+    (d,) = run([snap(0, sizes, rate=2.0)])  # wants 57: within 10 % of 60
+    assert d.replicas()["denoiser"] == 60
+    assert "tolerance" in d.stages["denoiser"].reason
+
+
+def test_scale_up_is_limited_per_decision() -> None:
+    sizes = {"encoder": 1, "denoiser": 4, "decoder": 1}
+    (d,) = run([snap(0, sizes, rate=2.0)], knobs=replace(FAST, max_step_up=4))
+    assert d.replicas()["denoiser"] == 8  # +100 % (more than +4)
+
+
+def test_starting_pods_count_as_capacity_on_the_way() -> None:
+    (first,) = run([snap(0, ONES, rate=2.0)])
+    n = first.replicas()["denoiser"]
+    sizes = {**first.replicas()}
+    starting = {"denoiser": n - 1}  # asked for, still pulling images
+    (again,) = run([snap(15, sizes, rate=2.0, starting=starting)])
+    assert again.replicas()["denoiser"] == n
+
+
+def test_scale_down_only_when_the_rest_carry_the_load() -> None:
+    sizes = {"encoder": 2, "denoiser": 66, "decoder": 2}
+    knobs = replace(FAST, tolerance=0.0)
+    (d,) = run([snap(0, sizes, rate=0.5, queue={"denoiser": 70})], knobs)
+    assert d.replicas()["denoiser"] == 66
+    assert "queued" in d.stages["denoiser"].reason
+
+
+@pytest.mark.parametrize("age", [None, 500.0])
+def test_stale_or_missing_metrics_hold_the_size(age: float | None) -> None:
+    sizes = {"encoder": 3, "denoiser": 20, "decoder": 2}
+    (d,) = run([snap(0, sizes, rate=0.0, age=age)])
+    assert d.replicas() == sizes and not d.metrics_ok
+    assert "holding" in d.stages["denoiser"].reason
+
+
+def test_unknown_arrival_rate_holds_rather_than_scaling_to_zero() -> None:
+    sizes = {"encoder": 3, "denoiser": 20, "decoder": 2}
+    (d,) = run([snap(0, sizes, rate=None)])
+    assert d.replicas() == sizes and not d.metrics_ok
+
+
+def test_idle_pipeline_shrinks_to_min_not_zero() -> None:
+    sizes = {"encoder": 3, "denoiser": 20, "decoder": 2}
+    ds = run([snap(t, sizes, rate=0.0) for t in (0, 15, 30)])
+    assert ds[-1].replicas() == ONES
+    zero_ok = replace(FAST, min_replicas={"denoiser": 0})
+    (d,) = run([snap(0, sizes, rate=0.0)], zero_ok)
+    assert d.replicas()["denoiser"] == 0
+
+
+def test_rising_rate_is_forecast_over_the_startup_time() -> None:
+    flat = run([snap(t, ONES, rate=1.0) for t in range(0, 300, 15)])
+    rising = run([snap(t, ONES, rate=0.5 + t / 600) for t in range(0, 300, 15)])
+    # Both end at ~1 req/s now; the rising one sizes for where it will be in ~2 min.
+    assert rising[-1].replicas()["denoiser"] > flat[-1].replicas()["denoiser"] * 1.1
+
+
+def test_slo_misses_tighten_the_wait_budget() -> None:
+    ok = run([snap(15 * i, ONES, rate=2.0, attainment=1.0) for i in range(4)])
+    missing = run([snap(15 * i, ONES, rate=2.0, attainment=0.9) for i in range(4)])
+    assert missing[-1].replicas()["encoder"] >= ok[-1].replicas()["encoder"]
+    assert missing[-1].state.wait_scale < ok[-1].state.wait_scale
+
+
+def test_max_replicas_caps_and_says_so() -> None:
+    knobs = replace(FAST, max_replicas={"denoiser": 10})
+    (d,) = run([snap(0, ONES, rate=2.0)], knobs)
+    assert d.replicas()["denoiser"] == 10 and d.stages["denoiser"].limited == "max"
+
+
+def test_advisory_and_disabled_modes_do_not_act() -> None:
+    sizes = {"encoder": 1, "denoiser": 2, "decoder": 1}
+    s = snap(0, sizes, rate=2.0)
+    (d,) = run([s])
+    assert d.replicas()["denoiser"] > 2
+    assert replicas_to_apply(d, s, "Advisory") == sizes
+    assert replicas_to_apply(d, s, "Active") == d.replicas()
+    (off,) = run([s], replace(FAST, mode="Disabled"))
+    assert off.replicas() == sizes and "disabled" in off.stages["denoiser"].reason
+
+
+def test_heterogeneous_budget_respects_accelerator_counts() -> None:
+    hetero = builtin_profile("qwen-image-h100-l40s")  # 32 H100 + 32 L40S
+    s = snap(0, ONES, rate=5.0, profile=hetero)
+    (d,) = run([s], replace(FAST, max_gpus=64), profile=hetero)
+    # Every stage defaults to the H100: only 32 of them exist.
+    assert sum(d.replicas().values()) <= 32
+    assert {x.accelerator for x in d.stages.values()} == {"H100"}

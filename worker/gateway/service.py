@@ -1,0 +1,508 @@
+"""The gateway: OpenAI Images API over HTTP (and gRPC Generate) in front of the stages.
+
+It validates each request, admits it only while the pipeline has room
+(otherwise 429 with Retry-After: backpressure instead of an unbounded queue),
+hands it to the first stage with custody, and waits for the terminal result
+that the last stage (or a failing stage) sends to its gRPC Stage service.
+Every accepted request ends with images or an explicit error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+from aiohttp import web
+
+from disagfusion.proto import disagfusion_pb2 as pb
+from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.worker.gateway.api import (
+    ApiError,
+    RequestLimits,
+    images_response,
+    parse_images_request,
+)
+from disagfusion.worker.metrics import GatewayMetrics
+from disagfusion.worker.params import GenerationParams
+from disagfusion.worker.probes import add_probe_routes
+from disagfusion.worker.runtime.payload import (
+    Payload,
+    PayloadError,
+    payload_from,
+    read_header,
+    read_tensors,
+)
+from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
+from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
+
+log = logging.getLogger(__name__)
+
+# Late results for requests that already ended are ignored; remember them a while.
+ENDED_MEMORY = 10_000
+
+
+class RequestFailed(Exception):
+    """A request that ends with an error: HTTP status and a message."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def body(self) -> dict[str, object]:
+        kind = "invalid_request_error" if 400 <= self.status < 500 else "server_error"
+        if self.status == 429:
+            kind = "rate_limit_error"
+        return {
+            "error": {
+                "message": self.message,
+                "type": kind,
+                "param": None,
+                "code": _ERROR_CODES.get(self.status, "error"),
+            }
+        }
+
+
+_ERROR_CODES = {
+    400: "invalid_request",
+    429: "pipeline_full",
+    500: "stage_failed",
+    503: "not_ready",
+    504: "deadline_exceeded",
+}
+
+
+@dataclass(frozen=True)
+class GeneratedImages:
+    request_id: str
+    pngs: list[bytes]
+    seeds: list[int]  # per image: the seed that reproduces it alone
+    latency_s: float
+
+
+@dataclass
+class GatewayConfig:
+    model: str  # served model name (what `model` in a request must say)
+    limits: RequestLimits
+    first_stage: str  # "encoder", or "monolithic" for the baseline
+    stage_addrs: dict[str, list[str]]  # every stage's instances, first_stage's included
+    result_address: str  # where workers reach our Stage service (reply_to)
+    pipeline: str = "local"
+    max_waiting: int = 32  # accepted but not yet taken by the first stage
+    max_pending: int = 512  # accepted and not yet answered
+    request_timeout_s: float = 300.0
+    api_key: str | None = None
+    handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
+
+
+class Gateway(pb_grpc.StageServicer):
+    def __init__(self, config: GatewayConfig, clock: Callable[[], float] = time.time) -> None:
+        if config.first_stage not in config.stage_addrs:
+            raise ValueError(f"no addresses for the first stage {config.first_stage!r}")
+        self.config = config
+        self.metrics = GatewayMetrics(config.pipeline, config.model)
+        self._clock = clock
+        self._channels = ChannelCache()
+        self._pools = {
+            stage: PeerPool(stage, addrs, self._channels)
+            for stage, addrs in config.stage_addrs.items()
+        }
+        self._sender = Sender(
+            "gateway",
+            self._channels,
+            self.metrics.handoff,
+            pool=self._pools[config.first_stage],
+            delay=config.handoff_delay,
+            on_failure=self._dispatch_failed,
+            clock=clock,
+        )
+        self._pending: dict[str, asyncio.Future[GeneratedImages]] = {}
+        self._started: dict[str, float] = {}
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._waiting = 0
+        self._completions: collections.deque[float] = collections.deque(maxlen=256)
+        self._seen_ready: set[str] = set()  # stages that have had a ready instance
+        self.draining = False
+
+    # ---- lifecycle ------------------------------------------------------
+
+    def start(self) -> None:
+        for pool in self._pools.values():
+            pool.start()
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait for the accepted ones; False on timeout."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._pending
+
+    async def stop(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(
+                    RequestFailed(
+                        503,
+                        "the gateway shut down before this request finished; retry it",
+                        retry_after_s=5,
+                    )
+                )
+        await self._sender.close()
+        for pool in self._pools.values():
+            await pool.stop()
+        await self._channels.close()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining: shutting down"
+        missing = [s for s, pool in self._pools.items() if pool.ready_count() == 0]
+        self._seen_ready.update(s for s in self._pools if s not in missing)
+        if missing:
+            return False, "no ready instance of: " + ", ".join(missing)
+        counts = ", ".join(f"{s}={p.ready_count()}" for s, p in self._pools.items())
+        return True, f"ready instances: {counts}"
+
+    def _admission_problem(self) -> RequestFailed | None:
+        """Why a new request is refused now, if it is.
+
+        A stage that has been ready once and has no ready instance right now is
+        restarting (a crashed worker, a rolling update): requests are still
+        admitted, within max_waiting, and custody delivers them once an instance
+        is back. Only a stage never seen ready makes the pipeline "not ready"."""
+        if self.draining:
+            return RequestFailed(
+                503, "the gateway is shutting down; retry on another instance", retry_after_s=5
+            )
+        ready, detail = self.readiness()
+        if not ready and not self._seen_ready.issuperset(self._pools):
+            return RequestFailed(503, f"pipeline not ready: {detail}", retry_after_s=5)
+        if (
+            self._waiting >= self.config.max_waiting
+            or len(self._pending) >= self.config.max_pending
+        ):
+            return RequestFailed(
+                429, "pipeline is full; retry later", retry_after_s=self._retry_after_s()
+            )
+        return None
+
+    # ---- requests -------------------------------------------------------
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the queue ahead has likely drained, from recent completions."""
+        now = time.monotonic()
+        recent = [t for t in self._completions if now - t < 60.0]
+        if len(recent) < 2:
+            return 1
+        rate = (len(recent) - 1) / max(recent[-1] - recent[0], 1e-3)
+        return max(1, min(60, math.ceil((self._waiting + 1) / rate)))
+
+    async def generate(
+        self, params: GenerationParams, request_id: str | None = None, *, from_client: bool = False
+    ) -> GeneratedImages:
+        """Run one request through the pipeline; raises RequestFailed.
+
+        `request_id` names the request in the pipeline (default: a new one). A
+        client's id (`from_client`, X-Request-Id) gets a unique suffix, since
+        clients may reuse theirs and the stages suppress duplicates by id."""
+        self.metrics.arrived(
+            params.width, params.height, 1, params.num_inference_steps, params.num_images
+        )
+        problem = self._admission_problem()
+        if problem is not None:
+            raise problem
+        rid = request_id or uuid.uuid4().hex
+        if from_client:
+            rid = f"{rid}.{uuid.uuid4().hex[:12]}"
+        started = time.perf_counter()
+        future: asyncio.Future[GeneratedImages] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        self._started[rid] = started
+        self.metrics.pending.set(len(self._pending))
+        payload = Payload(
+            request_id=rid,
+            params=params,
+            deadline_unix=self._clock() + self.config.request_timeout_s,
+            reply_to=self.config.result_address,
+            pipeline=self.config.pipeline,
+            model=self.config.model,
+            source_stage="gateway",
+        )
+        dispatch = asyncio.create_task(self._dispatch(payload))
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(future), self.config.request_timeout_s + 1.0
+            )
+        except TimeoutError:
+            raise RequestFailed(
+                504, f"no result within {self.config.request_timeout_s:g}s"
+            ) from None
+        finally:
+            self._end(rid)
+            if not dispatch.done():
+                dispatch.cancel()
+
+    async def _dispatch(self, payload: Payload) -> None:
+        self._waiting += 1
+        self.metrics.waiting.set(self._waiting)
+        try:
+            await self._sender.hand_off(payload)
+        except DeliveryFailed as failure:
+            await self._dispatch_failed(payload, failure.code, failure.message)
+        finally:
+            self._waiting -= 1
+            self.metrics.waiting.set(self._waiting)
+
+    async def _dispatch_failed(self, payload: Payload, code: int, message: str) -> None:
+        self._resolve(payload.failed(code, message, "gateway"))
+
+    def _end(self, rid: str) -> None:
+        self._pending.pop(rid, None)
+        self._started.pop(rid, None)
+        self._ended[rid] = None
+        while len(self._ended) > ENDED_MEMORY:
+            self._ended.popitem(last=False)
+        self.metrics.pending.set(len(self._pending))
+
+    def _resolve(self, result: Payload) -> None:
+        future = self._pending.get(result.request_id)
+        if future is None or future.done():
+            return  # late or duplicate result: the request already ended
+        if result.error:
+            future.set_exception(RequestFailed(result.error_code or 500, result.error))
+            return
+        pngs = [
+            bytes(result.tensors[f"png.{i}"].numpy().tobytes())
+            for i in range(len(result.tensors))
+            if f"png.{i}" in result.tensors
+        ]
+        if len(pngs) != result.params.num_images:
+            future.set_exception(
+                RequestFailed(
+                    500,
+                    f"{result.source_stage} returned {len(pngs)} images, "
+                    f"expected {result.params.num_images}",
+                )
+            )
+            return
+        self._completions.append(time.monotonic())
+        latency = time.perf_counter() - self._started.get(result.request_id, time.perf_counter())
+        future.set_result(
+            GeneratedImages(result.request_id, pngs, result.params.image_seeds(), latency)
+        )
+
+    # ---- Stage service: terminal results from the last stage ---------------
+
+    async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthReply:
+        ready, _ = self.readiness()
+        return pb.HealthReply(
+            stage="gateway",
+            model=self.config.model,
+            ready=ready,
+            queue_depth=self._waiting,
+            in_flight=len(self._pending),
+        )
+
+    async def Submit(
+        self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
+    ) -> AsyncIterator[pb.Ack]:
+        started = time.perf_counter()
+        stream = request_iterator.__aiter__()
+        header = pb.WorkHeader()
+        try:
+            header = await read_header(stream)
+            if header.request_id in self._pending:
+                result = payload_from(header, await read_tensors(header, stream))
+                self.metrics.handoff.received(result.nbytes, time.perf_counter() - started)
+                self._resolve(result)
+        except PayloadError as err:
+            yield pb.Ack(
+                request_id=header.request_id,
+                status=pb.Ack.REJECTED,
+                reason=f"invalid payload: {err}",
+            )
+            return
+        # Unknown ids are requests that already ended: acknowledge so the sender stops.
+        yield pb.Ack(request_id=header.request_id, status=pb.Ack.RECEIVED)
+        yield pb.Ack(request_id=header.request_id, status=pb.Ack.DONE)
+
+
+class GatewayGrpc(pb_grpc.GatewayServicer):
+    """gRPC Generate, validated by the same rules as the HTTP API."""
+
+    _STATUS = {
+        400: grpc.StatusCode.INVALID_ARGUMENT,
+        401: grpc.StatusCode.UNAUTHENTICATED,
+        404: grpc.StatusCode.NOT_FOUND,
+        429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        503: grpc.StatusCode.UNAVAILABLE,
+        504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateReply:
+        body: dict[str, object] = {"prompt": request.prompt}
+        if request.negative_prompt:
+            body["negative_prompt"] = request.negative_prompt
+        if request.n:
+            body["n"] = request.n
+        if request.size:
+            body["size"] = request.size
+        if request.model:
+            body["model"] = request.model
+        for name in ("seed", "num_inference_steps", "guidance_scale"):
+            if request.HasField(name):
+                body[name] = getattr(request, name)
+        try:
+            params = parse_images_request(body, self.gateway.config.limits)
+            result = await self.gateway.generate(params)
+        except ApiError as err:
+            await context.abort(self._STATUS.get(err.status, grpc.StatusCode.UNKNOWN), err.message)
+            raise AssertionError("unreachable") from None
+        except RequestFailed as err:
+            await context.abort(self._STATUS.get(err.status, grpc.StatusCode.INTERNAL), err.message)
+            raise AssertionError("unreachable") from None
+        return pb.GenerateReply(
+            request_id=result.request_id,
+            images=[
+                pb.GeneratedImage(png=png, seed=seed)
+                for png, seed in zip(result.pngs, result.seeds, strict=True)
+            ],
+            latency_s=result.latency_s,
+        )
+
+
+# A client's X-Request-Id is echoed and logged: keep it short and printable.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~-]{1,128}")
+REQUEST_ID = web.RequestKey("request_id", str)
+FROM_CLIENT = web.RequestKey("request_id_from_client", bool)
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
+    return web.json_response(
+        ApiError(status, message, code=code, param=param).body(), status=status
+    )
+
+
+@web.middleware
+async def _request_ids_and_json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """X-Request-Id on every response (the client's, validated, or a new one), and
+    OpenAI-shaped JSON for aiohttp's own errors (unknown path, wrong method)."""
+    given = request.headers.get("X-Request-Id")
+    if given is not None and not _REQUEST_ID.fullmatch(given):
+        response: web.StreamResponse = _error(
+            400,
+            "Invalid 'X-Request-Id' header: use 1-128 characters of A-Z a-z 0-9 . _ : ~ -",
+            "invalid_request_id",
+            "X-Request-Id",
+        )
+        response.headers["X-Request-Id"] = uuid.uuid4().hex
+        return response
+    request_id = given or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    request[FROM_CLIENT] = given is not None
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            response = _error(
+                405,
+                f"{request.method} is not allowed on {request.path}; use {allowed}",
+                "method_not_allowed",
+            )
+            response.headers["Allow"] = allowed
+        elif exc.status == 404:
+            response = _error(404, f"No such path: {request.path}", "not_found")
+        elif exc.status == 413:
+            response = _error(413, "request body larger than 1 MiB", "too_large")
+        else:
+            response = _error(exc.status, exc.reason, "http_error")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def build_http_app(gateway: Gateway) -> web.Application:
+    app = web.Application(client_max_size=1 << 20, middlewares=[_request_ids_and_json_errors])
+    limits = gateway.config.limits
+    created = int(time.time())
+
+    async def generations(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        response = await _generations(request)
+        gateway.metrics.observe(response.status, time.perf_counter() - started)
+        return response
+
+    async def _generations(request: web.Request) -> web.Response:
+        key = gateway.config.api_key
+        if key and request.headers.get("Authorization") != f"Bearer {key}":
+            return _error(
+                401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key"
+            )
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "request body larger than 1 MiB", "too_large")
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body is not valid JSON", "invalid_json")
+        try:
+            params = parse_images_request(body, limits)
+        except ApiError as err:
+            return web.json_response(err.body(), status=err.status)
+        try:
+            result = await gateway.generate(
+                params, request[REQUEST_ID], from_client=request[FROM_CLIENT]
+            )
+        except RequestFailed as err:
+            headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+            return web.json_response(err.body(), status=err.status, headers=headers)
+        return web.json_response(images_response(int(time.time()), result.pngs, result.seeds))
+
+    def model_card() -> dict[str, object]:
+        return {
+            "id": gateway.config.model,
+            "object": "model",
+            "created": created,
+            "owned_by": "disagfusion",
+        }
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [model_card()]})
+
+    async def model(request: web.Request) -> web.Response:
+        wanted = request.match_info["model"]
+        if wanted != limits.served_model and wanted not in limits.model_aliases:
+            return _error(
+                404,
+                f"The model {wanted!r} does not exist here; this server serves"
+                f" {limits.served_model!r}.",
+                "model_not_found",
+                "model",
+            )
+        return web.json_response(model_card())
+
+    app.router.add_post("/v1/images/generations", generations)
+    app.router.add_get("/v1/models", models)
+    # Hub ids contain a slash (org/name), local paths several.
+    app.router.add_get("/v1/models/{model:.+}", model)
+    add_probe_routes(app, gateway.metrics.registry, gateway.readiness)
+    return app

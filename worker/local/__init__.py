@@ -1,0 +1,1 @@
+"""The embedded default: launcher, local autoscaler, bench, profiler."""

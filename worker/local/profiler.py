@@ -1,0 +1,293 @@
+"""Measure each stage of a model on this machine and fit a performance profile.
+
+Each stage is loaded alone (as a worker would), run on a few request shapes
+after a warm-up, and timed: the fastest of the repeats, because on a shared
+machine other processes only ever add time (a median still moves with them).
+The coefficients of operator/profile.py's model are fitted by non-negative
+least squares on relative error, so small and large shapes count alike:
+
+    encoder: a          (the text encoder never sees the image size)
+    decoder: a + b·P
+    denoiser: a + c·P·steps + d·P²·steps
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from disagfusion.scheduling.profile import (
+    STAGES,
+    Profile,
+    RequestShape,
+    parse_profile,
+    profile_to_dict,
+)
+from disagfusion.worker.models.loading import ModelInfo, describe_model
+from disagfusion.worker.params import GenerationParams
+
+PROMPT = "a photograph of a red fox in the snow"
+# Which coefficients each stage's fit may use.
+_TERMS: dict[str, tuple[str, ...]] = {
+    "encoder": ("a",),
+    "decoder": ("a", "b"),
+    "denoiser": ("a", "c", "d"),
+}
+
+
+@dataclass(frozen=True)
+class Measurement:
+    stage: str
+    shape: RequestShape
+    seconds: float  # fastest of the repeats
+
+
+def _features(term: str, shape: RequestShape) -> float:
+    p, s = shape.megapixels, shape.steps
+    return {"a": 1.0, "b": p, "c": p * s, "d": p * p * s}[term]
+
+
+def nnls(matrix: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Non-negative least squares for a handful of columns, exactly.
+
+    The optimum is the plain least-squares solution on some subset of the
+    columns, so try every subset and keep the best non-negative one.
+    """
+    n = matrix.shape[1]
+    norms = np.linalg.norm(matrix, axis=0)
+    norms[norms == 0] = 1.0
+    scaled = matrix / norms  # columns differ by orders of magnitude (P² vs 1)
+    best, best_err = np.zeros(n), float(np.sum(target**2))
+    for k in range(1, n + 1):
+        for cols in itertools.combinations(range(n), k):
+            sol = np.linalg.lstsq(scaled[:, cols], target, rcond=None)[0]
+            if np.any(sol < 0):
+                continue
+            err = float(np.sum((scaled[:, cols] @ sol - target) ** 2))
+            if err < best_err - 1e-15:
+                best, best_err = np.zeros(n), err
+                best[list(cols)] = sol
+    return best / norms
+
+
+def fit_stage(stage: str, measurements: Sequence[Measurement]) -> dict[str, float]:
+    """Coefficients for one stage, minimising squared relative error."""
+    terms = _TERMS[stage]
+    rows = [m for m in measurements if m.stage == stage and m.seconds > 0]
+    if not rows:
+        return {}
+    weights = np.array([1 / m.seconds for m in rows])
+    matrix = np.array([[_features(t, m.shape) for t in terms] for m in rows]) * weights[:, None]
+    coeffs = nnls(matrix, np.ones(len(rows)))
+    return {t: float(f"{v:.6g}") for t, v in zip(terms, coeffs, strict=True) if v > 0}
+
+
+def measurement_shapes(info: ModelInfo, quick: bool) -> list[RequestShape]:
+    """Sizes of 1x, 2x (and 4x) the default area per side, at two step counts."""
+    width, height = info.default_size
+    multiple = info.size_multiple
+    sizes: list[tuple[int, int]] = []
+    for factor in (1, 2) if quick else (1, 2, 4):
+        w = min(info.max_size, width * factor) // multiple * multiple
+        h = min(info.max_size, height * factor) // multiple * multiple
+        if (w, h) not in sizes:
+            sizes.append((w, h))
+    if len(sizes) < 2:  # the default is already the largest size: go smaller
+        half = [max(multiple, side // 2 // multiple * multiple) for side in (width, height)]
+        sizes.insert(0, (half[0], half[1]))
+    d = info.default_steps
+    steps = (max(1, d // 4), max(2, d // 2)) if quick else (max(1, d // 2), max(2, d))
+    return [RequestShape(w, h, 1, s) for (w, h), s in itertools.product(sizes, sorted(set(steps)))]
+
+
+def _accelerator(device: str) -> dict[str, Any]:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return {"name": torch.cuda.get_device_name(device), "memory_gb": props.total_memory // 1e9}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return {"name": f"cpu-{os.cpu_count()}cores", "memory_gb": math.floor(ram)}
+
+
+def _module_gb(stage: Any) -> float:
+    import torch
+
+    total = 0
+    for module in stage.pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            tensors = itertools.chain(module.parameters(), module.buffers())
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return math.ceil(total / 1e6) / 1e3  # GB, rounded up to the megabyte
+
+
+@dataclass
+class _Run:
+    measurements: list[Measurement]
+    load_s: dict[str, float]  # per stage: weights from disk onto the device
+    memory_gb: dict[str, float]
+
+
+def profile_model(
+    model: str,
+    device: str = "cpu",
+    repeats: int = 5,
+    quick: bool = False,
+    dtype: str | None = None,
+    threads: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict[str, Any]:
+    """Measure `model` on `device`; the profile's file form plus the raw measurements.
+
+    `threads` sets torch's CPU threads for the run, as a worker's --threads
+    does. None means 1 on a CPU: `serve --local` splits the cores between its
+    workers the same way, and oversubscribed threads on a busy machine stall
+    each other (seconds per step instead of milliseconds).
+    """
+    start = time.perf_counter()
+    import torch
+
+    from disagfusion.worker.models.stages import load_stage
+
+    import_s = time.perf_counter() - start  # part of a pod's start; 0 if already imported
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA device is available here")
+    info = describe_model(model, cache_dir=cache_dir)  # builds a builtin before any timing
+    if threads is None and kind == "cpu":
+        threads = 1
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        run = _measure(info, load_stage, device, dtype, repeats, quick, cache_dir, log)
+    finally:
+        torch.set_num_threads(previous)
+    accelerator = _accelerator(device)
+    default = RequestShape(*info.default_size, 1, info.default_steps)
+    data = {
+        "name": f"{info.name}-{accelerator['name'].lower().replace(' ', '-')}",
+        "description": f"{info.name} measured on {accelerator['name']} by disagfusion profile",
+        "source": f"disagfusion profile --model {model} --device {device}"
+        f"{f' --threads {threads}' if threads else ''} (fastest of {repeats} runs per shape"
+        " after a warm-up)",
+        "accelerators": [{"cost_per_hour": 0.0, **accelerator}],
+        "startup_seconds": round(import_s + max(run.load_s.values()), 1),
+        "default_request": _shape_dict(default),
+        "stages": {
+            s: {
+                accelerator["name"]: {
+                    **fit_stage(s, run.measurements),
+                    "memory_gb": run.memory_gb[s],
+                }
+            }
+            for s in STAGES
+        },
+    }
+    profile = parse_profile(data)  # validates what we write
+    worst = max(run.measurements, key=lambda m: _error(profile, m))
+    log(f"fit: worst error {_error(profile, worst):.0%} ({worst.stage} {worst.shape.label()})")
+    if _error(profile, worst) > 0.5:
+        log("warning: timings are noisy (a busy machine?): try more --repeats")
+    out = profile_to_dict(profile)
+    out["measurements"] = [
+        {"stage": m.stage, **_shape_dict(m.shape), "seconds": round(m.seconds, 6)}
+        for m in run.measurements
+    ]
+    return out
+
+
+def _measure(
+    info: ModelInfo,
+    load_stage: Callable[..., Any],
+    device: str,
+    dtype: str | None,
+    repeats: int,
+    quick: bool,
+    cache_dir: str | os.PathLike[str] | None,
+    log: Callable[[str], None],
+) -> _Run:
+    import torch
+
+    def elapsed(fn: Callable[[], Any]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    shapes = measurement_shapes(info, quick)
+    run = _Run([], {}, {})
+    embeds: dict[str, Any] = {}
+    for name in STAGES:
+        t0 = time.perf_counter()
+        stage = load_stage(name, info.source, device=device, dtype=dtype, cache_dir=cache_dir)
+        run.load_s[name] = time.perf_counter() - t0
+        run.memory_gb[name] = _module_gb(stage)
+        log(f"{name}: loaded in {run.load_s[name]:.2f} s")
+        if name == "encoder":  # the encoder never sees the image size or step count
+            todo = [RequestShape(*info.default_size, 1, info.default_steps)]
+        elif name == "decoder":  # the decoder never sees the step count
+            todo = [s for s in shapes if s.steps == shapes[0].steps]
+        else:
+            todo = shapes
+        calls = []
+        for shape in todo:
+            params = _params(info, shape)
+            if name == "encoder":
+                embeds = stage.run(params, {})  # also the warm-up
+            inputs = {"encoder": {}, "denoiser": embeds}.get(name)
+            if inputs is None:
+                inputs = {"latents": _latents(stage, shape, device)}
+            calls.append(functools.partial(stage.run, params, inputs))
+            elapsed(calls[-1])  # warm-up: first-call allocations and kernel choices
+        # Round-robin over the shapes, so a burst of load elsewhere hits one
+        # sample of several shapes rather than every sample of one shape.
+        samples = [[elapsed(call) for call in calls] for _ in range(repeats)]
+        for i, shape in enumerate(todo):
+            seconds = min(row[i] for row in samples)
+            run.measurements.append(Measurement(name, shape, seconds))
+            log(f"  {name} {shape.label()}: {seconds * 1e3:.1f} ms")
+    return run
+
+
+def _error(profile: Profile, m: Measurement) -> float:
+    """Relative error of the fitted model at a measured shape."""
+    predicted = profile.service_time(m.stage, profile.accelerators[0].name, m.shape)
+    return abs(predicted - m.seconds) / m.seconds if m.seconds > 0 else 0.0
+
+
+def _params(info: ModelInfo, shape: RequestShape) -> GenerationParams:
+    return GenerationParams(
+        prompt=PROMPT,
+        width=shape.width,
+        height=shape.height,
+        num_inference_steps=shape.steps,
+        guidance_scale=info.default_guidance,
+    )
+
+
+def _latents(stage: Any, shape: RequestShape, device: str) -> Any:
+    import torch
+
+    scale = stage.info.vae_scale_factor
+    channels = stage.pipe.vae.config.latent_channels
+    size = (1, channels, shape.height // scale, shape.width // scale)
+    return torch.randn(size, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _shape_dict(shape: RequestShape) -> dict[str, int]:
+    return {"width": shape.width, "height": shape.height, "steps": shape.steps}

@@ -1,0 +1,1 @@
+"""The stage runtime: inbox/outbox, custody and re-send, dispatch, peers, payload."""

@@ -1,0 +1,123 @@
+"""`disagfusion worker`: one stage worker process, until SIGTERM.
+
+On SIGTERM or SIGINT a worker drains: it stops accepting new work (peers see
+it draining and go elsewhere), finishes what it holds and hands it on, then
+exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from aiohttp import web
+
+from disagfusion.worker.params import GenerationParams, WorkerRole
+from disagfusion.worker.probes import add_probe_routes, start_site
+from disagfusion.worker.runtime.aio import wait_for_signal
+from disagfusion.worker.runtime.sender import HandoffDelay
+from disagfusion.worker.runtime.stage import (
+    ComputeFn,
+    RuntimeConfig,
+    StageRuntime,
+    start_grpc_server,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    role: WorkerRole
+    model: str
+    port: int
+    http_port: int
+    host: str = "127.0.0.1"
+    next_addrs: list[str] = field(default_factory=list)
+    pipeline: str = "local"
+    device: str = "cpu"
+    dtype: str | None = None
+    queue_capacity: int = 2
+    overlap: bool = True
+    handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
+    threads: int | None = None
+    drain_timeout_s: float = 120.0
+
+
+def make_compute(role: WorkerRole, model: str, device: str, dtype: str | None) -> ComputeFn:
+    """Load the stage's model; the last hop also encodes its images as PNG."""
+    from disagfusion.worker.models import images_to_png, load_stage
+
+    stage = load_stage(role, model, device=device, dtype=dtype)
+    if role not in ("decoder", "monolithic"):
+        return stage.run
+
+    def run_and_encode(
+        params: GenerationParams, inputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        images = stage.run(params, inputs)["images"]
+        return {
+            f"png.{i}": torch.frombuffer(bytearray(png), dtype=torch.uint8)
+            for i, png in enumerate(images_to_png(images))
+        }
+
+    return run_and_encode
+
+
+async def run_worker(
+    opts: WorkerOptions, compute_factory: Callable[[], ComputeFn] | None = None
+) -> int:
+    from disagfusion.worker.models import StageInputError
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    runtime = StageRuntime(
+        RuntimeConfig(
+            role=opts.role,
+            model=opts.model,
+            pipeline=opts.pipeline,
+            next_addrs=opts.next_addrs,
+            queue_capacity=opts.queue_capacity,
+            overlap=opts.overlap,
+            handoff_delay=opts.handoff_delay,
+            drain_timeout_s=opts.drain_timeout_s,
+        ),
+        input_error=StageInputError,
+    )
+    server = await start_grpc_server(runtime, opts.host, opts.port)
+    app = web.Application()
+    add_probe_routes(
+        app,
+        runtime.metrics.registry,
+        lambda: (
+            runtime.ready,
+            "ready" if runtime.ready else ("draining" if runtime.draining else "loading model"),
+        ),
+    )
+    runner = await start_site(app, opts.host, opts.http_port)
+    runtime.start()
+    factory = compute_factory or (
+        lambda: make_compute(opts.role, opts.model, opts.device, opts.dtype)
+    )
+    loading = asyncio.create_task(runtime.load(factory))
+    signalled = asyncio.create_task(wait_for_signal())
+    await asyncio.wait({loading, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if loading.done() and loading.exception() is not None:
+        log.error("%s could not load %s: %s", opts.role, opts.model, loading.exception())
+        code = 1
+    else:
+        await signalled
+        if not loading.done():
+            loading.cancel()
+        log.info("%s draining", opts.role)
+        if not await runtime.drain():
+            log.warning("%s drain timed out; exiting with work held", opts.role)
+    signalled.cancel()
+    await server.stop(1.0)
+    await runtime.stop()
+    await runner.cleanup()
+    return code
