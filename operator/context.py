@@ -33,7 +33,7 @@ class Context:
     prometheus_timeout_s: float = 5.0
     clock: Callable[[], float] = time.time
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> last written
-    scalers: dict[str, Any] = field(default_factory=dict)  # uid -> autoscale.Memory
+    scalers: dict[str, Any] = field(default_factory=dict)  # uid -> autoscale.timer.Memory
     _locks: dict[str, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 

@@ -20,13 +20,13 @@ runs again or the `disagfusion.io/operator` finalizer is removed by hand.
 kopf's own bookkeeping (progress, last-handled configuration) lives in
 annotations prefixed `disagfusion.io/`.
 
-Autoscaling (operator/autoscale.py) runs on its own timer. In Active mode
-the sizes it sets are kept in `status.autoscaling.replicas`, and reconcile
-renders those instead of spec.stages[].replicas, so drift repair and an
-operator restart keep them. Both writers of a pipeline's status hold the
-pipeline's lock and start from the last status this process wrote (a
-watch event may not have brought it back yet), so neither drops the
-other's conditions.
+Autoscaling (operator/autoscale/timer.py) runs on its own timer. In Active
+mode the sizes it sets are kept in `status.autoscaling.replicas`, and
+reconcile renders those instead of spec.stages[].replicas (autoscale/plan.py's
+`rendered_sizes`), so drift repair and an operator restart keep them. Both
+writers of a pipeline's status hold the pipeline's lock and start from the
+last status this process wrote (a watch event may not have brought it back
+yet), so neither drops the other's conditions.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 import kopf
 
 from disagfusion.operator import conditions as cond
+from disagfusion.operator.autoscale.plan import rendered_sizes
 from disagfusion.operator.autoscale.timer import autoscale
 from disagfusion.operator.context import Context, utc_now
 from disagfusion.operator.kube import Kube, KubeError
@@ -47,13 +48,12 @@ from disagfusion.operator.render import (
     PLURAL,
     VERSION,
     Owner,
-    effective_replicas,
     gateway_endpoint,
     gateway_name,
     render_all,
     stage_name,
 )
-from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, PipelineSpec, SpecError, parse_spec
+from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
@@ -106,7 +106,7 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
         return "invalid"
 
     owner = Owner(name=name, namespace=namespace, uid=uid)
-    sizes = effective_replicas(spec, autoscaled_replicas(spec, status))
+    sizes = rendered_sizes(spec, status)
     changes = {
         child.kind + "/" + child.name: ctx.kube.apply(child)
         for child in render_all(owner, spec, sizes)
@@ -153,14 +153,6 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
         if was_invalid is not None and was_invalid.get("status") == "True":
             ctx.kube.event(body, "Normal", "SpecValid", "spec is valid again")
     return "ok"
-
-
-def autoscaled_replicas(spec: PipelineSpec, status: Mapping[str, Any]) -> dict[str, int] | None:
-    """The sizes the autoscaler set, when it is Active (else the spec's sizes apply)."""
-    if spec.autoscaling.mode != "Active":
-        return None
-    saved = (status.get("autoscaling") or {}).get("replicas") or {}
-    return {s: int(v) for s, v in saved.items() if s in STAGES and isinstance(v, int)} or None
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

@@ -177,17 +177,15 @@ def _scrape_annotations(port: int) -> dict[str, str]:
 
 
 def _model_env(spec: PipelineSpec) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [{"name": "DISAGFUSION_MODEL_FAMILY", "value": spec.model.family}]
-    if spec.model.revision:
-        env.append({"name": "DISAGFUSION_MODEL_REVISION", "value": spec.model.revision})
-    if spec.model.volume is not None:
+    """Only variables something in the pod reads (the rest of the spec travels as args)."""
+    env: list[dict[str, Any]] = []
+    if spec.model.volume is not None:  # the Hugging Face hub: weights from the volume only
         env += [
             {"name": "HF_HOME", "value": spec.model.mount_path},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
         ]
+    # The builtin models' cache (worker/models/builtin.py), on the writable /tmp volume.
     env.append({"name": "DISAGFUSION_CACHE", "value": "/tmp/disagfusion-cache"})
-    for key, value in sorted(spec.transport.options.items()):
-        env.append({"name": f"DISAGFUSION_TRANSPORT_{key.upper()}", "value": value})
     return env
 
 
@@ -435,22 +433,10 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     return [deploy, svc]
 
 
-def render_topology(
-    owner: Owner, spec: PipelineSpec, replicas: Mapping[str, int] | None = None
-) -> Child:
-    data = {
-        TOPOLOGY_FILE: json.dumps(topology(owner.name, owner.namespace, spec), indent=1),
-        "pipeline.json": json.dumps(
-            {
-                "pipeline": owner.name,
-                "model": spec.model.source,
-                "family": spec.model.family,
-                "transport": spec.transport.backend,
-                "stages": effective_replicas(spec, replicas),
-            },
-            sort_keys=True,
-        ),
-    }
+def render_topology(owner: Owner, spec: PipelineSpec) -> Child:
+    """The gateway's `--topology` file. It lists every stage's addresses up to maxReplicas,
+    never the current sizes, so a scale leaves it (and the gateway's pods) alone."""
+    data = {TOPOLOGY_FILE: json.dumps(topology(owner.name, owner.namespace, spec), indent=1)}
     return _finish(owner, "topology", "v1", "ConfigMap", topology_name(owner.name), {"data": data})
 
 
@@ -477,7 +463,7 @@ def render_all(
     sizes in Active mode, clamped to each stage's [minReplicas, maxReplicas].
     """
     sizes = effective_replicas(spec, replicas)
-    children = [render_topology(owner, spec, sizes)]
+    children = [render_topology(owner, spec)]
     for stage in STAGES:
         children += render_stage(owner, spec, spec.stages[stage], sizes[stage])
     return children + render_gateway(owner, spec)

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagfusion import __version__
-from disagfusion.scheduling.builtin_profiles import builtin_profile
+from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX, builtin_profile
 from disagfusion.scheduling.profile import Profile, ProfileError, parse_profile, parse_slo
-from disagfusion.scheduling.scaling import Knobs
+from disagfusion.scheduling.scaling import MODES, Knobs
+from disagfusion.scheduling.stages import STAGES
 
-STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
 # The worker image of a pipeline without spec.image when the operator is given none:
 # the chart's workerImage default (no registry publishes it; the README builds it).
 # The operator passes its own (DISAGFUSION_WORKER_IMAGE) as parse_spec's default_image.
@@ -26,7 +26,6 @@ MAX_SERVED_NAME = 128
 FAMILIES = ("auto", "unet", "mmdit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORTS = ("grpc",)
-AUTOSCALING_MODES = ("Disabled", "Advisory", "Active")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 DEFAULT_QUEUE_CAPACITY = 2
 
@@ -308,11 +307,11 @@ def _profile(r: _Reader, a: Mapping[str, Any]) -> tuple[str | None, Profile | No
         return prof.name, prof
     if name is None:
         return None, None
-    if not name.startswith("builtin:"):
+    if not name.startswith(BUILTIN_PREFIX):
         r.problems.append(f"spec.autoscaling.profile: use builtin:NAME, got {name!r}")
         return None, None
     try:
-        return name, builtin_profile(name.removeprefix("builtin:"))
+        return name, builtin_profile(name.removeprefix(BUILTIN_PREFIX))
     except KeyError as err:
         r.problems.append(f"spec.autoscaling.profile: {err.args[0]}")
         return None, None
@@ -322,7 +321,7 @@ def _autoscaling(
     r: _Reader, a: Mapping[str, Any], stages: Mapping[str, StageSpec]
 ) -> AutoscalingSpec:
     p = "spec.autoscaling"
-    mode = r.str_(a, "mode", f"{p}.mode", "Disabled", AUTOSCALING_MODES) or "Disabled"
+    mode = r.str_(a, "mode", f"{p}.mode", "Disabled", MODES) or "Disabled"
     url = r.str_(a, "prometheusUrl", f"{p}.prometheusUrl")
     if url is not None and not url.startswith(("http://", "https://")):
         r.problems.append(f"{p}.prometheusUrl: must be an http:// or https:// URL")

@@ -40,18 +40,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from disagfusion.scheduling.budget import NO_BUDGET, most_starved_first
 from disagfusion.scheduling.capacity import servers_for
 from disagfusion.scheduling.planner import plan_for_gpus, plan_for_rate, stage_wait_budgets
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_slo
+from disagfusion.scheduling.profile import Profile, RequestShape, parse_slo
 from disagfusion.scheduling.scaling import (
     Decision,
     Knobs,
     Policy,
+    PolicyBase,
     Snapshot,
     StageDecision,
     accelerators_of,
+    queued_for,
 )
-from disagfusion.scheduling.sim.simulate import MONOLITHIC, Future
+from disagfusion.scheduling.sim.simulate import Future
+from disagfusion.scheduling.stages import MONOLITHIC, STAGES
 from disagfusion.scheduling.traces import TraceRequest, shape_mix
 
 POLICY_NAMES = ("static-monolithic", "static-disagg", "threshold", "hpa", "hybrid", "oracle")
@@ -85,35 +89,7 @@ def _decision(
     )
 
 
-def fit_budget(
-    wanted: Mapping[str, int],
-    current: Mapping[str, int],
-    gpus: Mapping[str, int],
-    accs: Mapping[str, str],
-    profile: Profile,
-    budget: int,
-) -> dict[str, int]:
-    """Shrinks apply; growth is granted one instance at a time, most-starved stage first,
-    while the budget and the accelerator counts have room."""
-    out = {s: min(wanted[s], current[s]) for s in wanted}
-    left = budget - sum(out[s] * gpus[s] for s in out)
-    limits = {a.name: a.count for a in profile.accelerators}
-    type_left = {
-        a: (math.inf if n is None else n - sum(out[s] * gpus[s] for s in out if accs[s] == a))
-        for a, n in limits.items()
-    }
-    while True:
-        growing = [s for s in out if out[s] < wanted[s]]
-        growing = [s for s in growing if gpus[s] <= left and gpus[s] <= type_left[accs[s]]]
-        if not growing:
-            return out
-        s = min(growing, key=lambda s: (out[s] / wanted[s], STAGES.index(s)))
-        out[s] += 1
-        left -= gpus[s]
-        type_left[accs[s]] -= gpus[s]
-
-
-class StaticPolicy:
+class StaticPolicy(PolicyBase):
     """Fixed sizes, whatever happens."""
 
     interval_s = 3600.0  # nothing to decide; run rarely
@@ -143,19 +119,10 @@ def static_disagg(profile: Profile, load: Load, gpus: int, slo: str) -> StaticPo
     )
 
 
-def monolithic_gpus(profile: Profile, accelerator: str) -> int:
-    """GPUs one whole-pipeline replica needs: all three models in memory."""
-    need = sum(profile.stages[s][accelerator].memory_gb for s in STAGES)
-    have = profile.accelerator(accelerator).memory_gb
-    return max(1, math.ceil(need / have)) if have > 0 else 1
-
-
 def static_monolithic(profile: Profile, load: Load, gpus: int, slo: str) -> StaticPolicy:
-    acc = next(
-        a.name for a in profile.accelerators if all(a.name in profile.stages[s] for s in STAGES)
-    )
+    acc = profile.default_accelerator(MONOLITHIC)
     assignment = dict.fromkeys(STAGES, acc)
-    per = monolithic_gpus(profile, acc)
+    per = profile.gpus_per_instance(MONOLITHIC, acc)
     count = profile.accelerator(acc).count
     most = min(gpus, count if count is not None else gpus) // per
     total_w = sum(w for _, w in load.mix)
@@ -168,12 +135,6 @@ def static_monolithic(profile: Profile, load: Load, gpus: int, slo: str) -> Stat
     return StaticPolicy("static-monolithic", {MONOLITHIC: (max(1, min(n, most)), acc)}, True)
 
 
-def _queued(snapshot: Snapshot, stage: str) -> float:
-    """Requests waiting for a stage; the gateway's waiting ones are the first stage's."""
-    q = snapshot.stages[stage].queue_depth or 0.0
-    return q + (snapshot.waiting or 0.0 if stage == STAGES[0] else 0.0)
-
-
 def _hold(snapshot: Snapshot, profile: Profile, state: Any, why: str) -> Decision:
     accs = accelerators_of(snapshot, profile)
     sizes = {s: snapshot.stages[s].desired if s in snapshot.stages else 1 for s in STAGES}
@@ -181,10 +142,10 @@ def _hold(snapshot: Snapshot, profile: Profile, state: Any, why: str) -> Decisio
 
 
 def _budget(profile: Profile, knobs: Knobs) -> int:
-    return knobs.max_gpus or profile.default_gpus or 10**6
+    return knobs.max_gpus or profile.default_gpus or NO_BUDGET
 
 
-class ThresholdPolicy:
+class ThresholdPolicy(PolicyBase):
     """The LightX2V controller rule (see the module docstring)."""
 
     name = "threshold"
@@ -214,7 +175,7 @@ class ThresholdPolicy:
         }
         ready = sum(obs[s].ready for s in STAGES)
         mean_util = sum(obs[s].busy or 0.0 for s in STAGES) / ready if ready else 0.0
-        queues = {s: _queued(snapshot, s) for s in STAGES}
+        queues = {s: queued_for(snapshot, s) for s in STAGES}
         new_state = dict(state)
         why = {s: f"holding {sizes[s]}" for s in STAGES}
 
@@ -239,7 +200,7 @@ class ThresholdPolicy:
         return _decision(sizes, accs, why, new_state)
 
 
-class HpaPolicy:
+class HpaPolicy(PolicyBase):
     """One HPA v2 per stage on busy/ready utilization (see the module docstring)."""
 
     name = "hpa"
@@ -297,12 +258,14 @@ class HpaPolicy:
                 wanted[s] = min(rec, most)
             else:
                 wanted[s] = obs.desired
-        sizes = fit_budget(wanted, current, gpus, accs, profile, budget)
+        sizes = most_starved_first(
+            wanted, current, gpus, accs, budget, profile.accelerator_counts()
+        )
         why = {s: f"{current[s]}->{sizes[s]} (wanted {wanted[s]})" for s in STAGES}
         return _decision(sizes, accs, why, new_state)
 
 
-class OraclePolicy:
+class OraclePolicy(PolicyBase):
     """Sizes from the exact future (see the module docstring): the bound, not a policy."""
 
     name = "oracle"
@@ -358,7 +321,7 @@ class OraclePolicy:
 
     def decide(self, snapshot: Snapshot, state: Any, profile: Profile, knobs: Knobs) -> Decision:
         now, budget = snapshot.now, _budget(profile, knobs)
-        kind, value = parse_slo(knobs.slo or profile.default_slo or "2x")
+        kind, value = parse_slo(profile.slo_or_default(knobs.slo))
         hops = profile.handoff_seconds * (len(STAGES) - 1)
         base = self.short + hops
         slack = max(base * (value - 1) if kind == "slowdown" else value - base, 0.05 * base)
@@ -370,7 +333,7 @@ class OraclePolicy:
         for s in STAGES:
             wait = self.wait_share * slack * self.prefix[s][-1] / total
             obs = snapshot.stages.get(s)
-            backlog = _queued(snapshot, s) if obs is not None else 0.0
+            backlog = queued_for(snapshot, s) if obs is not None else 0.0
             need, t0 = 0, now
             while t0 < now + reach:
                 need = max(need, self._servers(s, t0, t0 + h, backlog if t0 == now else 0.0, wait))
@@ -380,7 +343,9 @@ class OraclePolicy:
         current = {
             s: snapshot.stages[s].desired if s in snapshot.stages else wanted[s] for s in STAGES
         }
-        sizes = fit_budget(wanted, current, gpus, self.accs, profile, budget)
+        sizes = most_starved_first(
+            wanted, current, gpus, self.accs, budget, profile.accelerator_counts()
+        )
         return _decision(sizes, self.accs, why, state)
 
 

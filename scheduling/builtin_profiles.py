@@ -16,6 +16,9 @@ from typing import Any
 
 from disagfusion.scheduling.profile import Profile, parse_profile
 
+# How a profile, trace or model names a builtin one: "builtin:NAME".
+BUILTIN_PREFIX = "builtin:"
+
 
 def _denoiser(
     seconds: float, width: int, height: int, frames: int, steps: int, linear: float
@@ -92,10 +95,10 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
 
 
 def builtin_profile(name: str) -> Profile:
-    """A builtin profile by name (without the `builtin:` prefix); KeyError lists the names."""
+    """A builtin profile by name (without BUILTIN_PREFIX); KeyError lists the names."""
     try:
         data = BUILTIN_PROFILES[name]
     except KeyError:
-        known = ", ".join(f"builtin:{n}" for n in BUILTIN_PROFILES)
-        raise KeyError(f"unknown profile builtin:{name} (known: {known})") from None
+        known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_PROFILES)
+        raise KeyError(f"unknown profile {BUILTIN_PREFIX}{name} (known: {known})") from None
     return parse_profile({"name": name, **data})

@@ -12,20 +12,6 @@ from __future__ import annotations
 import math
 
 
-def erlang_c_wait(servers: int, offered_load: float, service_time_s: float) -> float:
-    """Mean queueing delay (seconds) of M/M/c with `offered_load` = λ·S erlangs."""
-    if offered_load <= 0:
-        return 0.0
-    if servers <= offered_load:
-        return math.inf
-    blocking = 1.0  # Erlang B, built up one server at a time (numerically stable)
-    for k in range(1, servers + 1):
-        blocking = offered_load * blocking / (k + offered_load * blocking)
-    rho = offered_load / servers
-    waiting_probability = blocking / (1 - rho * (1 - blocking))
-    return waiting_probability * service_time_s / (servers - offered_load)
-
-
 def servers_for(
     arrival_rps: float,
     service_time_s: float,

@@ -10,15 +10,16 @@ every assignment of one type per stage is tried.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from disagfusion.scheduling.budget import gpus_by_accelerator, max_min, within_counts
 from disagfusion.scheduling.capacity import servers_for
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_slo
+from disagfusion.scheduling.profile import Profile, RequestShape, parse_slo
+from disagfusion.scheduling.stages import STAGES
 
 Mix = tuple[tuple[RequestShape, float], ...]
 # Share of the SLO's slack (SLO minus unloaded latency) that queueing may use: the
@@ -26,58 +27,6 @@ Mix = tuple[tuple[RequestShape, float], ...]
 WAIT_SHARE_OF_SLACK = 0.1
 LIGHT_STAGE_WAIT_SHARE = 0.25  # most of a wait budget a light stage may take
 _REL_TIE = 1e-9  # throughputs this close count as equal (then the cheaper plan wins)
-
-
-def allocate(
-    capacity_rps: Mapping[str, float],
-    gpus_per_instance: Mapping[str, int],
-    accelerators: Mapping[str, str],
-    budget_gpus: int,
-    minimum: Mapping[str, int],
-    maximum: Mapping[str, int] | None = None,
-    wanted: Mapping[str, int] | None = None,
-    accelerator_counts: Mapping[str, int | None] | None = None,
-) -> dict[str, int]:
-    """Greedy max-min: grow the stage with the lowest n·capacity while anything can grow.
-
-    Every stage starts at its minimum (even past the budget: the caller checks).
-    A stage grows while it stays within `maximum`, `wanted`, the GPU budget and
-    its accelerator type's count. Capacity 0, NaN or infinite means more
-    instances cannot change the pipeline's throughput, so such a stage keeps
-    its minimum. Ties go to the earlier stage (encoder, denoiser, decoder).
-    """
-    order = [s for s in STAGES if s in capacity_rps] + sorted(set(capacity_rps) - set(STAGES))
-    counts = {s: max(0, minimum.get(s, 0)) for s in order}
-    left = budget_gpus - sum(counts[s] * gpus_per_instance[s] for s in order)
-    type_left: dict[str, float] = {}
-    for s in order:
-        acc = accelerators[s]
-        limit = (accelerator_counts or {}).get(acc)
-        type_left.setdefault(acc, math.inf if limit is None else limit)
-        type_left[acc] -= counts[s] * gpus_per_instance[s]
-
-    def cap(s: str) -> int | float:
-        limits = [(maximum or {}).get(s), (wanted or {}).get(s)]
-        return min((v for v in limits if v is not None), default=math.inf)
-
-    heap = [
-        (counts[s] * capacity_rps[s], i, s)
-        for i, s in enumerate(order)
-        if 0 < capacity_rps[s] < math.inf  # NaN fails both comparisons
-    ]
-    heapq.heapify(heap)
-    while heap:
-        _, i, s = heap[0]
-        need = gpus_per_instance[s]
-        if counts[s] + 1 > cap(s) or need > left or need > type_left[accelerators[s]]:
-            # Budgets only shrink, so a stage that cannot grow now never will.
-            heapq.heappop(heap)
-            continue
-        counts[s] += 1
-        left -= need
-        type_left[accelerators[s]] -= need
-        heapq.heapreplace(heap, (counts[s] * capacity_rps[s], i, s))
-    return counts
 
 
 @dataclass(frozen=True)
@@ -168,11 +117,8 @@ def _build(
 
 
 def _fits_counts(profile: Profile, plan: Plan) -> bool:
-    used: dict[str, int] = {}
-    for p in plan.stages.values():
-        used[p.accelerator] = used.get(p.accelerator, 0) + p.replicas * p.gpus_per_instance
-    limits = {a.name: a.count for a in profile.accelerators}
-    return all((limit := limits[a]) is None or n <= limit for a, n in used.items())
+    held = ((p.accelerator, p.replicas * p.gpus_per_instance) for p in plan.stages.values())
+    return within_counts(gpus_by_accelerator(held), profile.accelerator_counts())
 
 
 def _cheaper(a: Plan, b: Plan) -> bool:
@@ -186,7 +132,7 @@ def plan_for_gpus(profile: Profile, gpus: int, mix: Mix | None = None) -> Plan:
     so a plan may use fewer GPUs than the budget.
     """
     mix = mix or ((profile.default_request, 1.0),)
-    counts = {a.name: a.count for a in profile.accelerators}
+    counts = profile.accelerator_counts()
     best: Plan | None = None
     smallest = math.inf
     for assignment in _assignments(profile):
@@ -195,7 +141,7 @@ def plan_for_gpus(profile: Profile, gpus: int, mix: Mix | None = None) -> Plan:
         smallest = min(smallest, sum(per.values()))
         rates = {s: 1 / t if t > 0 else math.inf for s, t in times.items()}
         ones = {s: 1 for s in STAGES}
-        n = allocate(rates, per, assignment, gpus, ones, accelerator_counts=counts)
+        n = max_min(rates, per, assignment, gpus, ones, accelerator_counts=counts)
         plan = _build(profile, assignment, times, n)
         if plan.gpus > gpus or not _fits_counts(profile, plan):
             continue  # one instance per stage does not fit this assignment

@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGES: tuple[str, ...] = ("encoder", "denoiser", "decoder")
+from disagfusion.scheduling.stages import STAGES, stages_in
+
 COEFFICIENTS = ("a", "b", "c", "d")
+DEFAULT_SLO = "2x"  # the SLO a policy or simulation assumes when neither it nor the profile has one
 
 
 class ProfileError(ValueError):
@@ -89,22 +91,33 @@ class Profile:
                 return acc
         raise KeyError(name)
 
-    def options(self, stage: str) -> tuple[str, ...]:
-        """Accelerators this stage can run on, in profile order."""
-        costs = self.stages[stage]
-        return tuple(a.name for a in self.accelerators if a.name in costs)
+    def accelerator_counts(self) -> dict[str, int | None]:
+        """How many of each accelerator the cluster has (None: only the GPU budget limits)."""
+        return {a.name: a.count for a in self.accelerators}
 
-    def default_accelerator(self, stage: str) -> str:
-        return self.options(stage)[0]
+    def options(self, pool: str) -> tuple[str, ...]:
+        """Accelerators a stage (or MONOLITHIC: every stage) can run on, in profile order."""
+        parts = stages_in(pool)
+        return tuple(
+            a.name for a in self.accelerators if all(a.name in self.stages[s] for s in parts)
+        )
+
+    def default_accelerator(self, pool: str) -> str:
+        return self.options(pool)[0]
 
     def service_time(self, stage: str, accelerator: str, shape: RequestShape) -> float:
         return self.stages[stage][accelerator].seconds(shape)
 
-    def gpus_per_instance(self, stage: str, accelerator: str) -> int:
-        """GPUs one instance needs to hold the stage's weights (at least one)."""
-        need = self.stages[stage][accelerator].memory_gb
+    def gpus_per_instance(self, pool: str, accelerator: str) -> int:
+        """GPUs one instance needs to hold the weights of its stage, or of every stage
+        for MONOLITHIC (at least one)."""
+        need = sum(self.stages[s][accelerator].memory_gb for s in stages_in(pool))
         have = self.accelerator(accelerator).memory_gb
         return max(1, math.ceil(need / have)) if have > 0 else 1
+
+    def slo_or_default(self, slo: str | None) -> str:
+        """`slo` if given, else the profile's default, else DEFAULT_SLO."""
+        return slo or self.default_slo or DEFAULT_SLO
 
     def unloaded_latency(self, shape: RequestShape, accelerators: Mapping[str, str]) -> float:
         """End-to-end seconds of one request on an idle pipeline (the slowdown SLO's base)."""

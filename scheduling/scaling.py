@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
+from disagfusion.scheduling.profile import Profile, RequestShape
+from disagfusion.scheduling.stages import STAGES
+
+if TYPE_CHECKING:
+    from disagfusion.scheduling.sim.simulate import Future
 
 MODES = ("Disabled", "Advisory", "Active")
 
@@ -92,15 +96,45 @@ class Decision:
 
 
 class Policy(Protocol):
-    """A scaling policy; implementations keep no hidden state between calls."""
+    """A scaling policy; implementations keep no hidden state between calls.
+
+    `interval_s`, `monolithic` and `prepare` are for the simulator (the
+    operator and the launcher run every policy at `knobs.interval_s`);
+    `PolicyBase` gives them their defaults.
+    """
 
     name: str
+
+    @property
+    def interval_s(self) -> float | None:
+        """How often the policy runs; None: every `knobs.interval_s`."""
+        ...
+
+    @property
+    def monolithic(self) -> bool:
+        """True: one MONOLITHIC pool runs the whole pipeline instead of a pool per stage."""
+        ...
+
+    def prepare(self, future: Future) -> None:
+        """Called once before a simulation with what an oracle may know in advance."""
+        ...
 
     def initial_state(self) -> Any: ...
 
     def decide(
         self, snapshot: Snapshot, state: Any, profile: Profile, knobs: Knobs
     ) -> Decision: ...
+
+
+class PolicyBase:
+    """The defaults of Policy's simulator hooks: run at the knobs' interval, one pool
+    per stage, nothing to prepare."""
+
+    interval_s: float | None = None
+    monolithic: bool = False
+
+    def prepare(self, future: Future) -> None:
+        del future  # only an oracle looks ahead
 
 
 def mix_or_default(snapshot: Snapshot, profile: Profile) -> tuple[tuple[RequestShape, float], ...]:
@@ -119,8 +153,7 @@ def accelerators_of(snapshot: Snapshot, profile: Profile) -> dict[str, str]:
     }
 
 
-def replicas_to_apply(decision: Decision, snapshot: Snapshot, mode: str) -> dict[str, int]:
-    """What the caller should run: the decision when Active, the current sizes otherwise."""
-    if mode == "Active":
-        return decision.replicas()
-    return {s: obs.desired for s, obs in snapshot.stages.items()}
+def queued_for(snapshot: Snapshot, stage: str) -> float:
+    """Requests waiting for a stage; the gateway's waiting ones are the first stage's."""
+    q = snapshot.stages[stage].queue_depth or 0.0
+    return q + (snapshot.waiting or 0.0 if stage == STAGES[0] else 0.0)

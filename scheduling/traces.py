@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX
 from disagfusion.scheduling.profile import Profile, RequestShape
 
 
@@ -161,7 +162,8 @@ def builtin_trace(
     KeyError names the known traces; ValueError when no budget is known.
     """
     if name not in BUILTIN_TRACES:
-        raise KeyError(f"unknown trace builtin:{name} (known: {', '.join(BUILTIN_TRACES)})")
+        known = ", ".join(BUILTIN_TRACES)
+        raise KeyError(f"unknown trace {BUILTIN_PREFIX}{name} (known: {known})")
     budget = gpus or profile.default_gpus
     if budget is None:
         raise ValueError(f"profile {profile.name} has no default GPU budget: give one")

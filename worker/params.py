@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-STAGES = ("encoder", "denoiser", "decoder")
+from disagfusion.scheduling.stages import STAGES
+
+__all__ = ["ROLES", "SEED_SPACE", "STAGES", "GenerationParams", "WorkerRole"]
+
 SEED_SPACE = 2**63  # seeds are 0..2**63-1 (a signed 64-bit proto/torch field)
 # A worker may also run the whole pipeline: the monolithic baseline.
 WorkerRole = Literal["encoder", "denoiser", "decoder", "monolithic"]

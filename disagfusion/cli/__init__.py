@@ -9,7 +9,7 @@ import os
 import sys
 
 from disagfusion.cli import bench, gateway, generate, operator, plan, serve, simulate, worker
-from disagfusion.cli.common import HELP, one_line_errors
+from disagfusion.cli.common import HELP, extra_of, one_line_errors
 
 COMMANDS = (worker, gateway, serve, generate, operator, bench, plan, simulate)
 
@@ -46,4 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except (ClientError, ModelSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        extra = extra_of(err.name or "")
+        if extra is None:
+            raise
+        print(
+            f"error: `disagfusion {args.command}` needs {err.name}, which this install lacks;"
+            f" install the {extra} extra: pip install 'disagfusion[{extra}]'",
+            file=sys.stderr,
+        )
         return 2

@@ -7,6 +7,7 @@ from typing import Any
 
 from disagfusion.cli.common import (
     HELP,
+    require_extra,
 )
 
 
@@ -22,6 +23,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    require_extra("worker")
     from disagfusion.worker.local.bench import run_bench_command
 
     return run_bench_command(args)

@@ -4,6 +4,7 @@ and usage mistakes as one line."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
@@ -78,6 +79,29 @@ def positive_float(text: str) -> float:
 
 
 HELP = HelpFormatter  # every flag shows its default
+
+# What each extra (pyproject.toml) brings, by import name.
+EXTRA_MODULES = {
+    "worker": ("torch", "diffusers", "transformers", "accelerate", "aiohttp", "PIL", "pynvml"),
+    "operator": ("kopf", "kubernetes"),
+    "plot": ("matplotlib",),
+}
+
+
+def extra_of(module: str) -> str | None:
+    """The extra that installs `module` (a dotted name is fine), if one does."""
+    root = module.split(".")[0]
+    return next((extra for extra, mods in EXTRA_MODULES.items() if root in mods), None)
+
+
+def require_extra(extra: str) -> None:
+    """Raise ModuleNotFoundError for the first module of `extra` not installed, before
+    a command starts anything (main() turns it into a one-line hint)."""
+    for module in EXTRA_MODULES[extra]:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
 DEFAULT_MODEL = "builtin:tiny-unet"
 
 

@@ -20,6 +20,7 @@ from disagfusion.cli.common import (
     port,
     positive_float,
     positive_int,
+    require_extra,
 )
 from disagfusion.worker.params import STAGES
 
@@ -73,6 +74,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
+    require_extra("worker")
     from disagfusion.worker.gateway.serve import GatewayOptions, run_gateway
 
     try:

@@ -11,6 +11,7 @@ from typing import Any
 from disagfusion.cli.common import (
     DEFAULT_MODEL,
     HELP,
+    require_extra,
 )
 
 
@@ -79,6 +80,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: -o {args.output}: {problem}", file=sys.stderr)
         return 2
     if args.in_process:
+        require_extra("worker")
         pngs = generate_in_process(args.model or DEFAULT_MODEL, body)
     else:
         if args.model:

@@ -9,6 +9,7 @@ from typing import Any
 from disagfusion.cli.common import (
     HELP,
     port,
+    require_extra,
 )
 
 
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
+    require_extra("operator")
     from disagfusion.operator.run import NoClusterConfig, run_operator
 
     namespaces = args.namespace or ([] if args.all_namespaces else ["default"])

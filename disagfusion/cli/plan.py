@@ -10,20 +10,24 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from disagfusion.cli.common import HelpFormatter, one_line_errors
+from disagfusion.cli.common import HelpFormatter, one_line_errors, require_extra
+from disagfusion.scheduling.builtin_profiles import (
+    BUILTIN_PREFIX,
+    BUILTIN_PROFILES,
+    builtin_profile,
+)
 from disagfusion.scheduling.profile import (
-    STAGES,
     Profile,
     ProfileError,
     RequestShape,
     parse_profile,
     profile_to_dict,
 )
+from disagfusion.scheduling.stages import STAGES
 
 if TYPE_CHECKING:
     from disagfusion.scheduling.planner import Plan
 
-BUILTIN = "builtin:"
 CURRENCY = "USD"  # what every profile's `cost_per_hour` is in
 MAX_GPUS = 1_000_000  # the greedy planner is linear in the budget: ~2 s at this size
 # JSON floats: profiles are calibrated to 3-4 digits, so 5 keep all that means anything
@@ -63,11 +67,9 @@ def money(per_hour: float) -> str:
 def load_profile(spec: str) -> Profile:
     """`builtin:NAME` or a .yaml/.yml/.json file; ProfileError says what is wrong
     (callers name `spec` when they print it)."""
-    if spec.startswith(BUILTIN):
-        from disagfusion.scheduling.builtin_profiles import builtin_profile
-
+    if spec.startswith(BUILTIN_PREFIX):
         try:
-            return builtin_profile(spec.removeprefix(BUILTIN))
+            return builtin_profile(spec.removeprefix(BUILTIN_PREFIX))
         except KeyError as err:
             raise ProfileError([str(err.args[0])]) from None
     path = Path(spec)
@@ -97,11 +99,11 @@ def load_mix(
     """The shape mix of a JSONL trace file or `builtin:NAME` trace (ValueError if unusable)."""
     from disagfusion.scheduling.traces import parse_trace_lines, shape_mix
 
-    if spec.startswith(BUILTIN):
+    if spec.startswith(BUILTIN_PREFIX):
         try:
             from disagfusion.scheduling.traces import builtin_trace
 
-            requests = builtin_trace(spec.removeprefix(BUILTIN), profile, gpus)
+            requests = builtin_trace(spec.removeprefix(BUILTIN_PREFIX), profile, gpus)
         except ImportError:
             raise ValueError("builtin traces are not available in this version") from None
         except KeyError as err:
@@ -306,13 +308,11 @@ def _dump(data: dict[str, Any], path: str | None = None) -> str:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     if args.list:
-        from disagfusion.scheduling.builtin_profiles import BUILTIN_PROFILES
-
         for name, data in BUILTIN_PROFILES.items():
-            print(f"{BUILTIN}{name:<24} {data.get('description', '')}")
+            print(f"{BUILTIN_PREFIX}{name:<24} {data.get('description', '')}")
         return 0
     if args.show:
-        if not args.show.startswith(BUILTIN):
+        if not args.show.startswith(BUILTIN_PREFIX):
             return _error(f"--show takes builtin:NAME, got {args.show!r}")
         try:
             data = profile_to_dict(load_profile(args.show))
@@ -321,6 +321,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         if args.repeats < 1 or (args.threads is not None and args.threads < 1):
             return _error("--repeats and --threads must be >= 1")
+        require_extra("worker")
         from disagfusion.worker.local.profiler import profile_model
 
         try:

@@ -23,6 +23,7 @@ from disagfusion.cli.common import (
     port,
     positive_float,
     positive_int,
+    require_extra,
 )
 
 
@@ -104,6 +105,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    require_extra("worker")
     from disagfusion.worker.local.launcher import (
         LocalCluster,
         LocalOptions,

@@ -16,17 +16,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from disagfusion.cli.common import HelpFormatter, one_line_errors
+from disagfusion.cli.common import HelpFormatter, one_line_errors, require_extra
 from disagfusion.cli.plan import MAX_GPUS
+from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX, BUILTIN_PROFILES
 
 if TYPE_CHECKING:
     from disagfusion.cli.plot import PlotContext
     from disagfusion.scheduling.profile import Profile
     from disagfusion.scheduling.scaling import Decision, Knobs, Policy, Snapshot
-    from disagfusion.scheduling.sim.simulate import SimResult
+    from disagfusion.scheduling.sim.simulate import Future, SimResult
     from disagfusion.scheduling.traces import TraceRequest
 
-BUILTIN = "builtin:"
 # Builtin traces are relative to a profile; --dump-trace uses this one unless told.
 DUMP_TRACE_PROFILE = "builtin:qwen-image-h100"
 
@@ -122,17 +122,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     from disagfusion.scheduling.baselines import POLICY_NAMES
-    from disagfusion.scheduling.builtin_profiles import BUILTIN_PROFILES
     from disagfusion.scheduling.traces import BUILTIN_TRACES
 
     out: dict[str, list[Any]] = {
         "traces": [
-            {"name": BUILTIN + n, "description": d + " (relative to the profile and budget)"}
+            {"name": BUILTIN_PREFIX + n, "description": d + " (relative to the profile and budget)"}
             for n, d in BUILTIN_TRACES.items()
         ],
         "profiles": [
             {
-                "name": BUILTIN + n,
+                "name": BUILTIN_PREFIX + n,
                 "description": p.get("description", ""),
                 "gpus": p.get("defaults", {}).get("gpus"),
                 "slo": p.get("defaults", {}).get("slo"),
@@ -182,10 +181,10 @@ def _trace(
         raise UsageError("--trace is required (a JSONL file or builtin:NAME; see --list)")
     if args.requests is not None and args.requests < 1:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
-    if spec.startswith(BUILTIN):
+    if spec.startswith(BUILTIN_PREFIX):
         try:
             return builtin_trace(
-                spec.removeprefix(BUILTIN), profile, gpus, args.seed, args.requests
+                spec.removeprefix(BUILTIN_PREFIX), profile, gpus, args.seed, args.requests
             )
         except KeyError as err:
             raise UsageError(str(err.args[0])) from None
@@ -208,7 +207,7 @@ def _trace(
 def _dump(args: argparse.Namespace) -> int:
     from disagfusion.scheduling.traces import trace_to_lines
 
-    if not args.dump_trace.startswith(BUILTIN):
+    if not args.dump_trace.startswith(BUILTIN_PREFIX):
         raise UsageError("--dump-trace takes builtin:NAME (see --list)")
     profile = _profile(args.profile or DUMP_TRACE_PROFILE)
     gpus = _budget(args, profile)
@@ -234,9 +233,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from disagfusion.scheduling.profile import parse_slo
     from disagfusion.scheduling.sim.simulate import SimConfig, SimulationError, simulate
 
+    if args.plot is not None:
+        require_extra("plot")  # before a simulation that may run for minutes
     profile = _profile(args.profile)
     gpus = _budget(args, profile)
-    slo = args.slo or profile.default_slo or "2x"
+    slo = profile.slo_or_default(args.slo)
     try:
         parse_slo(slo)
     except ValueError as err:
@@ -299,13 +300,12 @@ class AcceleratorLog:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.name = policy.name
+        self.interval_s = policy.interval_s
+        self.monolithic = policy.monolithic
         self.used: dict[str, list[str]] = {}  # pool -> types, in order of first use
 
-    def __getattr__(self, attr: str) -> Any:
-        # The simulator looks for optional hooks (interval_s, monolithic, prepare).
-        if attr == "policy":  # not set yet (copy, pickle): no recursion
-            raise AttributeError(attr)
-        return getattr(self.policy, attr)
+    def prepare(self, future: Future) -> None:
+        self.policy.prepare(future)
 
     def initial_state(self) -> Any:
         return self.policy.initial_state()
@@ -328,7 +328,8 @@ def plot_context(
 ) -> PlotContext:
     """The plot's title, arrivals, SLO line and (on a mixed pool) accelerator types."""
     from disagfusion.cli.plot import PlotContext
-    from disagfusion.scheduling.profile import STAGES, parse_slo
+    from disagfusion.scheduling.profile import parse_slo
+    from disagfusion.scheduling.stages import STAGES
 
     kind, value = parse_slo(slo)
     if kind == "seconds":

@@ -14,6 +14,7 @@ from disagfusion.cli.common import (
     non_negative_float,
     port,
     positive_int,
+    require_extra,
 )
 from disagfusion.worker.params import ROLES
 
@@ -63,6 +64,7 @@ def register(sub: Any) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    require_extra("worker")
     from disagfusion.worker.runtime.serve import WorkerOptions, run_worker
 
     opts = WorkerOptions(

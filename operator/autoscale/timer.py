@@ -1,48 +1,39 @@
-"""The autoscale timer's glue: gather → decide → apply → status, Events, metrics.
+"""The autoscale timer's I/O: gather → decide → plan → write status, scale, report.
 
 Per pipeline and round: read the stages' StatefulSets and ask Prometheus
-(operator/observe.py's queries), build a Snapshot, run the policy (pure; its
-state lives here in memory per pipeline uid, so a restart starts it afresh),
-then:
+(observe.py's queries), build a Snapshot, run the policy (pure; its state
+lives here in memory per pipeline uid, so a restart starts it afresh), let
+plan.py work out the round, then write what the plan says:
 
 - Active: persist the new sizes in `status.autoscaling.replicas` first (what
   reconcile renders, so a restart or drift repair keeps them), then apply
   the re-rendered StatefulSets. The operator is the only writer of replicas.
 - Advisory: report only (status, metrics, Events); reconcile keeps the spec's sizes.
 - Disabled: nothing, beyond removing what an earlier mode left in status.
-
-Stale or missing metrics hold every stage at its current size (never zero by
-accident) and set MetricsAvailable=False.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from disagfusion.operator import conditions as cond
 from disagfusion.operator.autoscale.observe import build_snapshot, queries
-from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusError
-from disagfusion.operator.render import Owner, effective_replicas, render_all, stage_name
-from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
-from disagfusion.scheduling.planner import mean_service_times
-from disagfusion.scheduling.profile import Profile
-from disagfusion.scheduling.scaling import (
-    Decision,
-    Policy,
-    Snapshot,
-    accelerators_of,
-    mix_or_default,
+from disagfusion.operator.autoscale.plan import (
+    RoundPlan,
+    disabled_patch,
+    plan_round,
+    rendered_sizes,
+    round_due,
 )
-
-if TYPE_CHECKING:
-    from disagfusion.operator.context import Context
+from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusError
+from disagfusion.operator.context import Context
+from disagfusion.operator.render import Owner, render_all, stage_name
+from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
+from disagfusion.scheduling.scaling import Decision, Policy
 
 log = logging.getLogger(__name__)
-HISTORY_KEPT = 10
 
 
 @dataclass
@@ -57,10 +48,6 @@ def default_policy() -> Policy:
     from disagfusion.scheduling.hybrid import HybridPolicy
 
     return HybridPolicy()
-
-
-def stamp(seconds: float) -> str:
-    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
@@ -79,11 +66,8 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
         if memory is None:
             memory = ctx.scalers[uid] = Memory(policy.initial_state())
         now = ctx.clock()
-        if memory.last_round is not None and now - memory.last_round < (
-            spec.autoscaling.knobs.interval_s
-        ):
+        if not round_due(memory.last_round, now, spec.autoscaling.knobs.interval_s):
             return "waiting"
-        meta = body.get("metadata") or {}
         namespace = str(meta.get("namespace") or "default")
         statefulsets = {
             s: ctx.kube.get("apps/v1", "StatefulSet", namespace, stage_name(str(meta["name"]), s))
@@ -103,10 +87,9 @@ def _disable(ctx: Context, body: Mapping[str, Any], uid: str) -> str:
     ctx.scalers.pop(uid, None)
     ctx.metrics.scaling.forget(namespace, name)
     status = ctx.known_status(uid, body)
-    conditions = status.get("conditions") or []
-    kept = cond.without_scaling(conditions)
-    if "autoscaling" in status or len(kept) != len(conditions):
-        ctx.write_status(namespace, name, uid, status, {"autoscaling": None, "conditions": kept})
+    patch = disabled_patch(status)
+    if patch is not None:
+        ctx.write_status(namespace, name, uid, status, patch)
     return "disabled"
 
 
@@ -124,87 +107,49 @@ def _round(
     name, namespace = str(meta["name"]), str(meta.get("namespace") or "default")
     auto = spec.autoscaling
     status = ctx.known_status(uid, body)
-    active = auto.mode == "Active"
-    saved = (status.get("autoscaling") or {}).get("replicas") if active else None
-    current_sizes = effective_replicas(spec, saved)
-    results, problem = _ask_prometheus(ctx, name, namespace, auto.prometheus_url)
-    snapshot = build_snapshot(results, statefulsets, now, auto.accelerators, current_sizes)
-    age = snapshot.metrics_age_s
-    if results is not None and age is None:
-        problem = f"Prometheus has no samples of pipeline {name} in {namespace}"
-    elif age is not None and age > auto.knobs.stale_after_s:
-        problem = f"newest sample is {age:.0f}s old"
+    results, asked_problem = _ask_prometheus(ctx, name, namespace, auto.prometheus_url)
+    snapshot = build_snapshot(
+        results, statefulsets, now, auto.accelerators, rendered_sizes(spec, status)
+    )
     decision: Decision | None = None
     if auto.profile is not None:
         decision = policy.decide(snapshot, memory.policy_state, auto.profile, auto.knobs)
         memory.policy_state = decision.state
-    metrics_ok = not problem and (decision is None or decision.metrics_ok)
-    if not problem and not metrics_ok:
-        problem = "the policy found the metrics incomplete"
-    live = {s: snapshot.stages[s].desired for s in STAGES}
-    if decision is not None and metrics_ok:
-        targets = effective_replicas(spec, decision.replicas())
-    else:
-        # Stale or missing metrics: hold, never scale on a guess. Active holds its own
-        # last sizes (an edited StatefulSet is put back), Advisory has no sizes of its own.
-        targets = current_sizes if active else live
-    changed = {s: (live[s], targets[s]) for s in STAGES if targets[s] != live[s]}
-
-    when = stamp(now)
-    generation = int(meta.get("generation") or 0)
-    old_auto = status.get("autoscaling") or {}
-    stages_status = _stages_status(snapshot, decision, targets)
-    history = list(old_auto.get("history") or [])
-    fresh = _history_entries(old_auto, changed, decision if metrics_ok else None, when, active)
-    history = (history + fresh)[-HISTORY_KEPT:]
-    limited = {s: d.limited for s, d in (decision.stages.items() if decision else ()) if d.limited}
-    checks = cond.scaling_checks(
-        auto.mode,
-        auto.profile_name,
-        metrics_ok,
-        problem,
-        limited if metrics_ok else {},
+    plan = plan_round(
+        pipeline=name,
+        namespace=namespace,
+        generation=int(meta.get("generation") or 0),
+        spec=spec,
+        status=status,
+        snapshot=snapshot,
+        decision=decision,
+        policy_name=policy.name,
+        asked_problem=asked_problem,
+        now=now,
     )
-    new_auto: dict[str, Any] = {
-        "mode": auto.mode,
-        "policy": policy.name,
-        "profile": auto.profile_name or "",
-        "stages": stages_status,
-        "history": history,
-        # Only Active owns the sizes; a None deletes them so reconcile uses the spec's.
-        "replicas": targets if active else None,
-    }
-    if active and changed:
-        new_auto["lastScaleTime"] = when
-    patch: dict[str, Any] = {
-        "autoscaling": new_auto,
-        "conditions": cond.apply_scaling(status.get("conditions") or [], checks, when, generation),
-    }
-    ctx.write_status(namespace, name, uid, status, patch)  # skipped when nothing changed
-    if active and changed:
+    ctx.write_status(namespace, name, uid, status, plan.status_patch)  # skipped if no change
+    if plan.apply is not None:
+        # Only the StatefulSets carry sizes; the topology ConfigMap lists maxReplicas.
         owner = Owner(name=name, namespace=namespace, uid=uid)
-        for child in render_all(owner, spec, targets):
-            if child.kind in ("StatefulSet", "ConfigMap"):
+        for child in render_all(owner, spec, plan.apply):
+            if child.kind == "StatefulSet":
                 ctx.kube.apply(child)
-    _report(
-        ctx, body, (namespace, name), fresh, snapshot, decision, targets, auto.profile, metrics_ok
-    )
-    if changed:
+    _report(ctx, body, namespace, name, plan)
+    if plan.changed:
         log.info(
             "%s/%s: %s %s",
             namespace,
             name,
-            "scaled" if active else "would scale",
-            ", ".join(f"{s} {a}->{b}" for s, (a, b) in changed.items()),
+            "scaled" if plan.apply is not None else "would scale",
+            ", ".join(f"{s} {a}->{b}" for s, (a, b) in plan.changed.items()),
         )
-    if auto.profile is None:
-        return "no_profile"
-    return "ok" if metrics_ok else "no_metrics"
+    return plan.result
 
 
 def _ask_prometheus(
     ctx: Context, name: str, namespace: str, url: str | None
 ) -> tuple[dict[str, dict[str, Any]] | None, str]:
+    """The answers to observe.queries(), or None and why there are none."""
     url = url or ctx.prometheus_url
     if not url:
         return None, "no Prometheus URL (spec.autoscaling.prometheusUrl or --prometheus-url)"
@@ -216,99 +161,25 @@ def _ask_prometheus(
         return None, f"Prometheus query failed: {err}"
 
 
-def _stages_status(
-    snapshot: Snapshot, decision: Decision | None, targets: Mapping[str, int]
-) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for s in STAGES:
-        obs = snapshot.stages[s]
-        entry: dict[str, Any] = {"currentReplicas": obs.desired, "desiredReplicas": targets[s]}
-        if decision is not None:
-            d = decision.stages[s]
-            entry |= {
-                "predictedReplicas": d.predicted,
-                "accelerator": d.accelerator,
-                "reason": d.reason,
-                "limited": d.limited,
-            }
-        else:
-            entry["reason"] = "no profile: not sizing"
-        out[s] = entry
-    return out
-
-
-def _history_entries(
-    old_auto: Mapping[str, Any],
-    changed: Mapping[str, tuple[int, int]],
-    decision: Decision | None,
-    when: str,
-    active: bool,
-) -> list[dict[str, Any]]:
-    """One entry per stage whose desired size moved (Advisory: only when the advice changes)."""
-    before = old_auto.get("stages") or {}
-    out = []
-    for s, (frm, to) in changed.items():
-        if not active and (before.get(s) or {}).get("desiredReplicas") == to:
-            continue  # the same advice as last round
-        reason = decision.stages[s].reason if decision is not None else "held at the last size"
-        out.append(
-            {
-                "time": when,
-                "stage": s,
-                "from": frm,
-                "to": to,
-                "applied": active,
-                "reason": reason[:200],
-            }
-        )
-    return out
-
-
 def _report(
-    ctx: Context,
-    body: Mapping[str, Any],
-    key: tuple[str, str],
-    entries: list[dict[str, Any]],
-    snapshot: Snapshot,
-    decision: Decision | None,
-    targets: Mapping[str, int],
-    profile: Profile | None,
-    metrics_ok: bool,
+    ctx: Context, body: Mapping[str, Any], namespace: str, name: str, plan: RoundPlan
 ) -> None:
-    """Decision metrics, and an Event per scale (or per new advice)."""
-    namespace, name = key
+    """The plan's metric values and Events (one per scale, or per new advice)."""
     m = ctx.metrics.scaling
-    m.metrics_available.labels(namespace, name).set(1 if metrics_ok else 0)
-    if snapshot.arrival_rps is not None:
-        m.arrival_rate.labels(namespace, name).set(snapshot.arrival_rps)
-    for entry in entries:
-        stage, frm, to = entry["stage"], entry["from"], entry["to"]
-        limited = decision.stages[stage].limited if decision is not None else ""
-        why = (limited or "load") if metrics_ok else "hold"
-        m.decisions.labels(
-            namespace,
-            name,
-            stage,
-            "up" if to > frm else "down",
-            why,
-            "true" if entry["applied"] else "false",
-        ).inc()
-        verb = "Scaled" if entry["applied"] else "ScaleAdvised"
-        ctx.kube.event(body, "Normal", verb, f"{stage} {frm} -> {to} replicas: {entry['reason']}")
-    times = (
-        mean_service_times(
-            profile, accelerators_of(snapshot, profile), mix_or_default(snapshot, profile)
-        )
-        if profile is not None
-        else {}
-    )
-    for s in STAGES:
-        obs = snapshot.stages[s]
-        m.current.labels(namespace, name, s).set(obs.desired)
-        m.desired.labels(namespace, name, s).set(targets[s])
-        if decision is not None:
-            m.predicted.labels(namespace, name, s).set(decision.stages[s].predicted)
-        if s in times:
-            m.predicted_service_time.labels(namespace, name, s).set(times[s])
-        if obs.service_time_s is not None:
-            m.observed_service_time.labels(namespace, name, s).set(obs.service_time_s)
+    m.metrics_available.labels(namespace, name).set(1 if plan.metrics_ok else 0)
+    if plan.arrival_rps is not None:
+        m.arrival_rate.labels(namespace, name).set(plan.arrival_rps)
+    for d in plan.decisions:
+        applied = "true" if d.applied else "false"
+        m.decisions.labels(namespace, name, d.stage, d.direction, d.why, applied).inc()
+    for event in plan.events:
+        ctx.kube.event(body, event.type, event.reason, event.message)
+    for s, g in plan.gauges.items():
+        m.current.labels(namespace, name, s).set(g.current)
+        m.desired.labels(namespace, name, s).set(g.desired)
+        if g.predicted is not None:
+            m.predicted.labels(namespace, name, s).set(g.predicted)
+        if g.predicted_service_time_s is not None:
+            m.predicted_service_time.labels(namespace, name, s).set(g.predicted_service_time_s)
+        if g.observed_service_time_s is not None:
+            m.observed_service_time.labels(namespace, name, s).set(g.observed_service_time_s)

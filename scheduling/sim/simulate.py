@@ -46,11 +46,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_slo
+from disagfusion.scheduling.budget import gpus_by_accelerator, within_counts
+from disagfusion.scheduling.profile import Profile, RequestShape, parse_slo
 from disagfusion.scheduling.scaling import Knobs, Policy, Snapshot, StageObservation
+from disagfusion.scheduling.stages import MONOLITHIC, STAGES
+from disagfusion.scheduling.stats import percentiles
 from disagfusion.scheduling.traces import TraceRequest
 
-MONOLITHIC = "monolithic"
 BUSY_WINDOW_S = 30.0  # mean busy instances over this window (like a rate() over 30 s)
 RATE_WINDOW_S = 60.0  # arrivals, completions, service times
 MIX_WINDOW_S = 120.0
@@ -91,21 +93,18 @@ class SimResult:
     done_times: list[float] = field(default_factory=list)  # with `latencies`, for plots
 
     def summary(self) -> dict[str, Any]:
-        ordered = sorted(self.latencies)
-
-        def pct(q: float) -> float | None:
-            if not ordered:
-                return None
-            return round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)], 4)
-
+        p50, p95, p99 = (
+            round(x, 4) if self.latencies else None
+            for x in percentiles(self.latencies, (50, 95, 99))
+        )
         return {
             "completed": self.completed,
             "rejected": self.rejected,
             "unfinished": self.unfinished,
             "throughput_rps": round(self.completed / self.duration_s, 6) if self.duration_s else 0,
-            "latency_p50_s": pct(0.50),
-            "latency_p95_s": pct(0.95),
-            "latency_p99_s": pct(0.99),
+            "latency_p50_s": p50,
+            "latency_p95_s": p95,
+            "latency_p99_s": p99,
             "slo_attainment": round(self.met / self.requests, 6) if self.requests else None,
             "gpu_hours": round(self.gpu_hours, 4),
             "cost_usd": round(self.cost_usd, 2),
@@ -151,12 +150,10 @@ def warm_sizes(
         return sizes
     times = mean_service_times(profile, accs, mix)
     want = {s: max(1, servers_for(rate, times[s], waits[s], 0.8)) for s in STAGES}
-    used: dict[str, int] = {}
-    for s in STAGES:
-        used[accs[s]] = used.get(accs[s], 0) + want[s] * profile.gpus_per_instance(s, accs[s])
-    counts = {a.name: a.count for a in profile.accelerators}
-    fits = all(counts[a] is None or n <= (counts[a] or 0) for a, n in used.items())
-    if not fits or sum(used.values()) > cfg.gpus:
+    used = gpus_by_accelerator(
+        (accs[s], want[s] * profile.gpus_per_instance(s, accs[s])) for s in STAGES
+    )
+    if not within_counts(used, profile.accelerator_counts()) or sum(used.values()) > cfg.gpus:
         return sizes
     return {s: (want[s], accs[s]) for s in STAGES}
 
@@ -188,8 +185,8 @@ class Simulator:
     ) -> None:
         self.profile, self.policy, self.knobs, self.cfg = profile, policy, knobs, cfg
         self.arrivals = [r.t for r in requests]
-        self.interval = float(getattr(policy, "interval_s", None) or knobs.interval_s)
-        self.mono = bool(getattr(policy, "monolithic", False))
+        self.interval = float(policy.interval_s or knobs.interval_s)
+        self.mono = policy.monolithic
         self.pools: tuple[str, ...] = (MONOLITHIC,) if self.mono else STAGES
         self.slo_kind, self.slo_value = parse_slo(cfg.slo)
         # Distinct shapes get integer ids; base times are looked up by [stage][acc][shape].
@@ -223,20 +220,6 @@ class Simulator:
 
         return Future(self.arrivals, [self.shapes[k] for k in self.shape_of], service)
 
-    def gpus_per_instance(self, pool: int, acc: str) -> int:
-        if not self.mono:
-            return self.profile.gpus_per_instance(STAGES[pool], acc)
-        need = sum(self.profile.stages[s][acc].memory_gb for s in STAGES)
-        have = self.profile.accelerator(acc).memory_gb
-        return max(1, math.ceil(need / have)) if have > 0 else 1
-
-    def default_accelerator(self) -> str:
-        if self.mono:  # the first accelerator that runs every stage
-            return next(
-                a for a in self.acc_names if all(a in self.profile.stages[s] for s in STAGES)
-            )
-        raise AssertionError("per-stage pools use the profile's default per stage")
-
     def run(self) -> SimResult:
         return _Run(self).go()
 
@@ -247,10 +230,7 @@ class _Run:
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         k = len(sim.pools)
-        self.acc = [
-            sim.default_accelerator() if sim.mono else sim.profile.default_accelerator(s)
-            for s in sim.pools
-        ]
+        self.acc = [sim.profile.default_accelerator(pool) for pool in sim.pools]
         self.acc_i = [sim.acc_names.index(a) for a in self.acc]
         self.unloaded = [0.0] * len(sim.arrivals)  # per request: noise-free compute seconds
         self.queue: list[deque[int]] = [deque() for _ in range(k)]
@@ -270,7 +250,7 @@ class _Run:
         self.alloc = 0
         self.acc_alloc = dict.fromkeys(sim.acc_names, 0)
         self.price = {a.name: a.cost_per_hour / 3600.0 for a in sim.profile.accelerators}
-        self.limit = {a.name: a.count for a in sim.profile.accelerators}
+        self.limit = sim.profile.accelerator_counts()
         self.cost_rate = 0.0
         self.gpu_s = self.cost = 0.0
         self.last_alloc_t = 0.0
@@ -307,7 +287,7 @@ class _Run:
 
     def _create(self, pool: int, ready: bool) -> bool:
         acc = self.acc[pool]
-        g = self.sim.gpus_per_instance(pool, acc)
+        g = self.sim.profile.gpus_per_instance(self.sim.pools[pool], acc)
         lim = self.limit[acc]
         if self.alloc + g > self.sim.cfg.gpus or (
             lim is not None and self.acc_alloc[acc] + g > lim
@@ -509,8 +489,7 @@ class _Run:
         done_times: list[float] = []
         timeline: list[tuple[float, tuple[int, ...]]] = []
         rejected = met = 0
-        if hasattr(sim.policy, "prepare"):  # the oracle
-            sim.policy.prepare(sim.future())
+        sim.policy.prepare(sim.future())
         state = self._decide(self._warm_snapshot(), sim.policy.initial_state(), ready=True)
         if cfg.record:
             timeline.append((0.0, tuple(self._held(p) for p in range(last + 1))))

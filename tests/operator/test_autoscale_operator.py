@@ -30,29 +30,36 @@ from disagfusion.operator.context import Context
 from disagfusion.operator.handlers import build_registry
 from disagfusion.operator.kube import Kube
 from disagfusion.scheduling.profile import Profile
-from disagfusion.scheduling.scaling import Decision, Knobs, Policy, Snapshot, StageDecision
+from disagfusion.scheduling.scaling import (
+    Decision,
+    Knobs,
+    Policy,
+    PolicyBase,
+    Snapshot,
+    StageDecision,
+)
 from disagfusion.worker.local.launcher import free_port
-from tests.operator.kubeconfig import kubeconfig_env
-from tests.operator.test_operator_kmock import (
+from tests.operator.emulator import (
+    CM,
     CRD,
+    DEPLOY,
     EVENTS,
     NS,
     STS,
     WAIT_S,
     Cluster,
-    cluster,
     condition,
     eventually,
     pipeline,
 )
+from tests.operator.kubeconfig import kubeconfig_env
 
-__all__ = ["cluster"]  # the fixture, re-used
 pytestmark = pytest.mark.timeout(90)
 WINDOW = "10s"
 PATH = f"/apis/disagfusion.io/v1alpha1/namespaces/{NS}/diffusionpipelines"
 
 
-class QueuePolicy:
+class QueuePolicy(PolicyBase):
     """Two queued payloads per instance; holds on stale metrics like any policy must."""
 
     name = "queue-test"
@@ -302,6 +309,10 @@ async def test_active_scales_records_status_events_and_survives_drift(cluster: C
             assert up._value.get() == 1
             assert len(auto_status(cluster, "sd")["history"]) == 2
             assert len(events(cluster, "Scaled")) == 2  # one per scale, not one per round
+            # The topology ConfigMap lists maxReplicas addresses: created once, never
+            # rewritten by a scale (nor is the gateway it would roll).
+            assert cluster.writes(CM) == 1
+            assert cluster.writes(DEPLOY) == 1
 
 
 async def test_advisory_reports_but_never_patches_replicas(cluster: Cluster) -> None:

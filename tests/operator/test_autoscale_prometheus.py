@@ -32,6 +32,7 @@ import yaml
 
 from disagfusion.worker.gateway.client import post_json
 from disagfusion.worker.local.launcher import LocalCluster, free_port
+from tests.operator.emulator import NS, STS, Cluster, eventually, pipeline
 from tests.operator.test_autoscale_operator import (
     auto_status,
     cond_status,
@@ -39,10 +40,8 @@ from tests.operator.test_autoscale_operator import (
     operator,
     replicas,
 )
-from tests.operator.test_operator_kmock import NS, STS, Cluster, cluster, eventually, pipeline
 from tests.worker.cluster_utils import start_cluster
 
-__all__ = ["cluster"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 SCALE_WAIT_S = 150.0  # model start-up and a loaded 2-core machine; polls end as soon as met

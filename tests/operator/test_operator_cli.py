@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from disagfusion.worker.local.launcher import free_port
-from tests.operator.kubeconfig import write_kubeconfig
-from tests.operator.test_operator_kmock import (
+from tests.operator.emulator import (
     CRD,
     DEPLOY,
     NS,
@@ -29,12 +28,10 @@ from tests.operator.test_operator_kmock import (
     STS,
     SVC,
     Cluster,
-    cluster,
     condition,
     eventually,
 )
-
-__all__ = ["cluster"]  # the KMock fixture, shared with the in-process operator tests
+from tests.operator.kubeconfig import write_kubeconfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-local.yaml"
 TOKEN = "s3cret-token"
@@ -97,8 +94,18 @@ async def test_operator_logs_in_with_a_kubeconfig_and_reconciles_the_example(
         # It authenticated as the kubeconfig's token user.
         auth = {r.headers.get("Authorization") for r in cluster.emulator._requests}
         assert f"Bearer {TOKEN}" in auth
-        text = await asyncio.to_thread(_scrape, f"http://127.0.0.1:{metrics_port}/metrics")
-        assert 'disagfusion_operator_reconcile_total{result="ok"}' in text
+        # The counter moves once the round that wrote the status returns.
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        seen: list[str] = []
+
+        async def counted() -> bool:
+            seen[:] = [await asyncio.to_thread(_scrape, metrics_url)]
+            return 'disagfusion_operator_reconcile_total{result="ok"}' in seen[0]
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await counted():
+            assert asyncio.get_running_loop().time() < deadline, seen
+            await asyncio.sleep(0.2)
 
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(proc.wait(), 15)

@@ -235,10 +235,6 @@ def test_effective_replicas_override_spec_within_bounds() -> None:
     children = by_name(render_all(OWNER, s, {"denoiser": 4}))
     assert children["StatefulSet/sd-denoiser"]["spec"]["replicas"] == 4
     assert children["StatefulSet/sd-encoder"]["spec"]["replicas"] == 1
-    assert (
-        json.loads(children["ConfigMap/sd-topology"]["data"]["pipeline.json"])["stages"]["denoiser"]
-        == 4
-    )
     plain = by_name(render_all(OWNER, s))
     assert plain["StatefulSet/sd-denoiser"]["spec"]["replicas"] == 2
     # The size is an input of the hash, so a scale is a write and drift back is repaired.
@@ -246,6 +242,91 @@ def test_effective_replicas_override_spec_within_bounds() -> None:
         children["StatefulSet/sd-denoiser"]["metadata"]["annotations"][HASH_ANNOTATION]
         != plain["StatefulSet/sd-denoiser"]["metadata"]["annotations"][HASH_ANNOTATION]
     )
+
+
+def test_a_scale_rewrites_only_the_statefulset() -> None:
+    """Neither a spec replica change nor an autoscaler size touches the topology
+    ConfigMap (it lists addresses up to maxReplicas), the gateway or the Services."""
+    bounds = {"minReplicas": 1, "maxReplicas": 5}
+    before = render_all(OWNER, parse_spec(spec(stages={"denoiser": {"replicas": 1, **bounds}})))
+    by_spec = render_all(OWNER, parse_spec(spec(stages={"denoiser": {"replicas": 3, **bounds}})))
+    by_autoscaler = render_all(
+        OWNER, parse_spec(spec(stages={"denoiser": {"replicas": 1, **bounds}})), {"denoiser": 4}
+    )
+    for after in (by_spec, by_autoscaler):
+        moved = {
+            f"{a.kind}/{a.name}"
+            for a, b in zip(before, after, strict=True)
+            if (a.body, a.input_hash) != (b.body, b.input_hash)
+        }
+        assert moved == {"StatefulSet/sd-denoiser"}
+        topo_before, topo_after = (by_name(x)["ConfigMap/sd-topology"] for x in (before, after))
+        assert topo_before == topo_after
+        assert (
+            topo_before["metadata"]["annotations"][HASH_ANNOTATION]
+            == topo_after["metadata"]["annotations"][HASH_ANNOTATION]
+        )
+    # The topology lists maxReplicas addresses: widening it is a rewrite (and rolls the gateway).
+    wider = render_all(
+        OWNER, parse_spec(spec(stages={"denoiser": {"replicas": 1, "maxReplicas": 6}}))
+    )
+    assert by_name(wider)["ConfigMap/sd-topology"] != by_name(before)["ConfigMap/sd-topology"]
+
+
+# Environment variables something in the pod reads: the Hugging Face hub's, the builtin
+# models' cache (worker/models/builtin.py), the gateway's key and its advertised address.
+READ_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "DISAGFUSION_CACHE", "DISAGFUSION_API_KEY", "POD_IP"}
+
+
+def everything_set() -> PipelineSpec:
+    """A spec with every field that could become an environment variable."""
+    return parse_spec(
+        spec(
+            model={
+                "source": "org/model",
+                "family": "mmdit",
+                "revision": "v2",
+                "volume": {"persistentVolumeClaim": {"claimName": "weights"}},
+            },
+            transport={"backend": "grpc", "options": {"chunk_bytes": "65536"}},
+            gateway={"apiKeySecretRef": {"name": "keys"}},
+        )
+    )
+
+
+def written_env(children: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
+    """Workload -> the names of its container's environment variables."""
+    return {
+        key: {e["name"] for e in container(body)["env"]}
+        for key, body in children.items()
+        if key.split("/")[0] in ("StatefulSet", "Deployment")
+    }
+
+
+def test_the_operator_writes_only_what_the_pods_read() -> None:
+    """The workers take the spec from their args; nothing reads family, revision or
+    transport options from the environment, nor a pipeline.json from the ConfigMap."""
+    children = by_name(render_all(OWNER, everything_set()))
+    assert set(children["ConfigMap/sd-topology"]["data"]) == {"topology.json"}
+    for key, names in written_env(children).items():
+        assert names <= READ_ENV, f"{key} writes {sorted(names - READ_ENV)}"
+    assert written_env(children)["Deployment/sd-gateway"] == READ_ENV
+    # The pipeline's own env is passed through as it is.
+    own = parse_spec(spec(stages={"encoder": {"env": [{"name": "X", "value": "1"}]}}))
+    encoder = container(by_name(render_all(OWNER, own))["StatefulSet/sd-encoder"])
+    assert {"name": "X", "value": "1"} in encoder["env"]
+
+
+def test_every_disagfusion_variable_written_is_read_somewhere() -> None:
+    """A write-only variable is dead weight in every pod template: its reader must exist."""
+    sources = "".join(
+        path.read_text()
+        for folder in ("worker", "disagfusion/cli")
+        for path in (REPO / folder).rglob("*.py")
+    )
+    written = set().union(*written_env(by_name(render_all(OWNER, everything_set()))).values())
+    for name in sorted(n for n in written if n.startswith("DISAGFUSION_")):
+        assert f'"{name}"' in sources, f"nothing in worker/ or the CLI reads ${name}"
 
 
 # rendering

@@ -8,16 +8,14 @@ from disagfusion.scheduling.baselines import (
     HpaPolicy,
     Load,
     ThresholdPolicy,
-    fit_budget,
     make_policy,
-    monolithic_gpus,
     static_disagg,
     static_monolithic,
 )
 from disagfusion.scheduling.builtin_profiles import builtin_profile
 from disagfusion.scheduling.planner import plan_for_rate
-from disagfusion.scheduling.profile import STAGES
 from disagfusion.scheduling.scaling import Knobs, Snapshot, StageObservation
+from disagfusion.scheduling.stages import MONOLITHIC, STAGES
 
 QWEN = builtin_profile("qwen-image-h100")
 MIXED = builtin_profile("qwen-image-h100-l40s")
@@ -128,19 +126,6 @@ def test_hpa_scale_down_waits_for_the_stabilization_window() -> None:
     assert d.replicas()["denoiser"] == 10
 
 
-def test_fit_budget_grants_growth_to_the_most_starved_stage() -> None:
-    gpus = dict.fromkeys(STAGES, 1)
-    accs = dict.fromkeys(STAGES, "H100")
-    wanted = {"encoder": 4, "denoiser": 30, "decoder": 1}
-    current = {"encoder": 2, "denoiser": 20, "decoder": 2}
-    out = fit_budget(wanted, current, gpus, accs, QWEN, budget=27)
-    assert out == {"encoder": 3, "denoiser": 23, "decoder": 1}
-    assert sum(out.values()) == 27
-    # accelerator counts hold too: 32 H100 at most on the mixed pool
-    out = fit_budget({"encoder": 1, "denoiser": 50, "decoder": 1}, current, gpus, accs, MIXED, 64)
-    assert sum(out.values()) == 32
-
-
 def test_static_disagg_is_the_planners_pool_for_the_mean_load() -> None:
     mix = ((QWEN.default_request, 1.0),)
     policy = static_disagg(QWEN, Load(1.0, mix), 64, "2x")
@@ -153,8 +138,9 @@ def test_static_disagg_is_the_planners_pool_for_the_mean_load() -> None:
 
 
 def test_static_monolithic_holds_every_model_on_each_replica() -> None:
-    assert monolithic_gpus(QWEN, "H100") == 1  # 57.8 GB on 80 GB
-    assert monolithic_gpus(MIXED, "L40S") == 2  # on 48 GB
+    assert QWEN.gpus_per_instance(MONOLITHIC, "H100") == 1  # 57.8 GB on 80 GB
+    assert MIXED.gpus_per_instance(MONOLITHIC, "L40S") == 2  # on 48 GB
+    assert MIXED.default_accelerator(MONOLITHIC) == "H100"  # the first that runs every stage
     mix = ((QWEN.default_request, 1.0),)
     policy = static_monolithic(QWEN, Load(1.0, mix), 64, "2x")
     ((n, acc),) = policy.sizes.values()

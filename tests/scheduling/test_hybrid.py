@@ -8,15 +8,25 @@ import pytest
 
 from disagfusion.scheduling.builtin_profiles import builtin_profile
 from disagfusion.scheduling.capacity import servers_for
-from disagfusion.scheduling.hybrid import HybridPolicy, HybridState
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
-from disagfusion.scheduling.scaling import (
-    Decision,
-    Knobs,
-    Snapshot,
-    StageObservation,
-    replicas_to_apply,
+from disagfusion.scheduling.forecast import forecast
+from disagfusion.scheduling.hybrid import (
+    RAMP_HEADROOM,
+    RATIO_BOUNDS,
+    HybridPolicy,
+    HybridState,
+    Need,
+    Outlook,
+    bounded,
+    hold_reason,
+    lead_and_horizon,
+    next_ratios,
+    stabilize,
+    stage_need,
+    trim_to_budget,
+    utilization_cap,
 )
+from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
+from disagfusion.scheduling.scaling import Decision, Knobs, Snapshot, StageObservation
 
 QWEN = builtin_profile("qwen-image-h100")  # encoder 0.26 s, denoiser 25.3 s, decoder 0.31 s
 POLICY = HybridPolicy()
@@ -219,13 +229,11 @@ def test_max_replicas_caps_and_says_so() -> None:
     assert d.replicas()["denoiser"] == 10 and d.stages["denoiser"].limited == "max"
 
 
-def test_advisory_and_disabled_modes_do_not_act() -> None:
+def test_disabled_mode_does_not_act() -> None:
     sizes = {"encoder": 1, "denoiser": 2, "decoder": 1}
     s = snap(0, sizes, rate=2.0)
     (d,) = run([s])
     assert d.replicas()["denoiser"] > 2
-    assert replicas_to_apply(d, s, "Advisory") == sizes
-    assert replicas_to_apply(d, s, "Active") == d.replicas()
     (off,) = run([s], replace(FAST, mode="Disabled"))
     assert off.replicas() == sizes and "disabled" in off.stages["denoiser"].reason
 
@@ -237,3 +245,115 @@ def test_heterogeneous_budget_respects_accelerator_counts() -> None:
     # Every stage defaults to the H100: only 32 of them exist.
     assert sum(d.replicas().values()) <= 32
     assert {x.accelerator for x in d.stages.values()} == {"H100"}
+
+
+# --- the steps, one at a time -----------------------------------------------------------
+
+
+def test_hold_reason_names_why_and_whether_metrics_are_fine() -> None:
+    fine = snap(0, ONES, rate=1.0)
+    assert hold_reason(fine, FAST) is None
+    assert hold_reason(fine, replace(FAST, mode="Disabled")) == ("autoscaling disabled", True)
+    assert hold_reason(snap(0, ONES, rate=None), FAST) == ("no metrics: holding", False)
+    assert hold_reason(snap(0, ONES, rate=1.0, age=500.0), FAST) == (
+        "metrics 500s old: holding",
+        False,
+    )
+    partial = replace(fine, stages={"encoder": fine.stages["encoder"]})
+    assert hold_reason(partial, FAST) == ("no metrics for denoiser, decoder: holding", False)
+
+
+def test_forecast_counts_a_rise_only_when_it_clears_the_noise() -> None:
+    flat = tuple((float(t), 1.0) for t in range(0, 300, 15))
+    assert forecast(flat, 285.0, 120.0) == (pytest.approx(1.0), 0.0)
+    rising = tuple((float(t), 0.5 + t / 600) for t in range(0, 300, 15))
+    ahead, ramp = forecast(rising, 285.0, 120.0)
+    assert ramp > 0 and ahead == pytest.approx(0.975 + 120 / 600, rel=0.05)
+
+
+def test_lead_and_horizon_look_ahead_only_past_what_the_slo_absorbs() -> None:
+    lead, horizon = lead_and_horizon(QWEN, FAST, slack=10.0)
+    assert lead == QWEN.startup_seconds + FAST.interval_s
+    assert horizon == pytest.approx(lead - 0.8 * 10.0)
+    assert lead_and_horizon(QWEN, FAST, slack=1e4)[1] == 0.0  # a long SLO: no forecast
+    assert lead_and_horizon(QWEN, replace(FAST, forecast_seconds=30.0), 10.0)[1] == 30.0
+
+
+def test_utilization_cap_keeps_headroom_while_a_ramp_is_on() -> None:
+    assert utilization_cap(0.9, ramp=0.0) == 0.9
+    assert utilization_cap(0.9, ramp=0.3) == pytest.approx(0.9 * RAMP_HEADROOM)
+
+
+def test_next_ratios_smooth_toward_the_observed_time_within_bounds() -> None:
+    times = {"encoder": 1.0, "denoiser": 10.0, "decoder": 1.0}
+    observed = {"encoder": 1.0, "denoiser": 20.0, "decoder": 100.0}
+    s = snap(0, ONES, rate=1.0, observed=observed)
+    ratios = next_ratios({}, s, times)
+    assert ratios["encoder"] == 1.0
+    assert ratios["denoiser"] == pytest.approx(1.0 + 0.3 * (2.0 - 1.0))
+    assert ratios["decoder"] == pytest.approx(1.0 + 0.3 * (RATIO_BOUNDS[1] - 1.0))
+    unseen = replace(s, stages={k: replace(v, service_time_s=None) for k, v in s.stages.items()})
+    assert next_ratios({"denoiser": 1.7}, unseen, times)["denoiser"] == 1.7
+
+
+def test_stage_need_scales_the_model_by_feedback_and_drains_a_backlog() -> None:
+    outlook = Outlook(rate=1.0, rate_ahead=1.0, lead_s=60.0, utilization_cap=0.9, drain_s=60.0)
+    plain = stage_need(0.0, 10.0, 1.0, 1e9, outlook)
+    assert plain.predicted == plain.wanted == servers_for(1.0, 10.0, 1e9, 0.9) == 12
+    slow = stage_need(0.0, 10.0, 2.0, 1e9, outlook)  # observed twice the model's time
+    assert slow.predicted == 12 and slow.wanted == servers_for(1.0, 20.0, 1e9, 0.9) == 23
+    assert "observed/predicted 2.00" in slow.why
+    late = stage_need(61.0, 10.0, 1.0, 1.0, outlook)  # 60 queued beyond the 1 expected
+    assert late.wanted == servers_for(1.0, 10.0, 1.0, 0.9) + 10  # 60 x 10 s within 60 s
+    assert "backlog 61 +10" in late.why
+
+
+def test_bounded_applies_min_and_max_and_names_the_cap() -> None:
+    knobs = replace(FAST, min_replicas={"encoder": 2}, max_replicas={"denoiser": 10})
+    wanted, limited = bounded({"encoder": 0, "denoiser": 50, "decoder": 3}, knobs, budget=100)
+    assert wanted == {"encoder": 2, "denoiser": 10, "decoder": 3}
+    assert limited == {"denoiser": "max"}
+    # no max and no budget: only the NO_BUDGET ceiling
+    assert bounded({"denoiser": 5000}, FAST, budget=None)[0] == {"denoiser": 5000}
+
+
+NEED = Need(predicted=0, wanted=0, service_time_s=10.0, why="model")
+
+
+def observed(desired: int, queue: float = 0.0) -> StageObservation:
+    return StageObservation(ready=desired, starting=0, desired=desired, queue_depth=queue)
+
+
+def test_stabilize_limits_a_step_up_and_holds_small_changes() -> None:
+    knobs = replace(FAST, max_step_up=4)
+    assert stabilize(observed(4), NEED, ((0.0, 20),), 0.0, knobs, False)[0] == 8
+    assert stabilize(observed(0), NEED, ((0.0, 20),), 0.0, knobs, False)[0] == 20
+    n, why = stabilize(observed(60), NEED, ((0.0, 63),), 0.0, knobs, False)
+    assert n == 60 and "tolerance" in why
+
+
+def test_stabilize_scales_down_to_the_windows_highest_unless_rebalancing() -> None:
+    knobs = replace(FAST, scale_down_window_s=300.0)
+    recs = ((0.0, 30), (100.0, 10))
+    n, why = stabilize(observed(30), NEED, recs, 0.0, knobs, False)
+    assert n == 30 and "scale-down window" in why
+    assert stabilize(observed(30), NEED, recs, 0.0, knobs, True)[0] == 10
+    later = ((400.0, 10),)
+    assert stabilize(observed(30), NEED, later, 0.0, knobs, False)[0] == 10
+    # never below what carries the load now: 1 req/s x 10 s at 90 % busy needs 12
+    assert stabilize(observed(30), NEED, later, 1.0, knobs, False)[0] == 12
+
+
+def test_trim_to_budget_trims_the_last_stages_growth_first() -> None:
+    sized = {"encoder": (3, "up"), "denoiser": (12, "up"), "decoder": (1, "down")}
+    current = {"encoder": 2, "denoiser": 10, "decoder": 2}
+    out = trim_to_budget(
+        sized, current, dict.fromkeys(STAGES, 1), dict.fromkeys(STAGES, "H100"), 14
+    )
+    assert out["encoder"] == (3, "up")
+    assert out["denoiser"] == (10, "up; trimmed to 10 by the GPU budget")
+    assert out["decoder"] == (1, "down")  # a shrink stays
+    fits = trim_to_budget(
+        sized, current, dict.fromkeys(STAGES, 1), dict.fromkeys(STAGES, "H100"), 16
+    )
+    assert fits == sized

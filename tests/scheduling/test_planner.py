@@ -1,11 +1,9 @@
-"""The static planner: greedy max-min allocation, GPU-budget and rate plans, the CLI."""
+"""The static planner: GPU-budget and rate plans, the CLI (the allocator: test_budget.py)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +15,12 @@ from disagfusion.cli.plan import load_profile, plain_number, round_floats
 from disagfusion.scheduling.builtin_profiles import builtin_profile
 from disagfusion.scheduling.planner import (
     Plan,
-    allocate,
     mean_service_times,
     plan_for_gpus,
     plan_for_rate,
 )
 from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_profile
 
-ONE_TYPE = {s: "G" for s in STAGES}
-UNIT = {s: 1 for s in STAGES}
 # The published balance rule as a shipped profile (docs/calibration.md).
 BALANCE_RULE = Path(__file__).resolve().parents[2] / "examples/profiles/balance-rule.yaml"
 
@@ -59,83 +54,6 @@ def check_cost(profile: Profile, plan: Plan) -> None:
     assert plan.cost_per_hour == pytest.approx(cost)
     slowest = min(p.replicas / p.service_time_s for p in plan.stages.values())
     assert plan.throughput_rps == pytest.approx(slowest, rel=1e-9)
-
-
-# --- allocate ------------------------------------------------------------------
-
-
-def test_allocate_reproduces_the_published_balance_rule() -> None:
-    # t_d / t_e = 37.5, negligible decoder, 800 GPUs: E ≈ 21, D ≈ 779 (docs/calibration.md).
-    rates = {"encoder": 1.0, "denoiser": 1 / 37.5, "decoder": 1e4}
-    n = allocate(rates, UNIT, ONE_TYPE, 800, UNIT)
-    assert n == {"encoder": 21, "denoiser": 778, "decoder": 1}
-    assert n["encoder"] == pytest.approx(800 / (1 + 37.5), abs=1)
-
-
-def test_allocate_is_max_min_optimal_for_unit_instances() -> None:
-    rng = random.Random(7)
-    for _ in range(150):
-        rates = {s: rng.choice([0.5, 1.0, 2.0, rng.uniform(0.01, 5)]) for s in STAGES}
-        budget = rng.randint(3, 14)
-        n = allocate(rates, UNIT, ONE_TYPE, budget, UNIT)
-        assert sum(n.values()) == budget  # all of it is spent
-        best = max(
-            min(c[i] * rates[s] for i, s in enumerate(STAGES))
-            for c in itertools.product(range(1, budget + 1), repeat=3)
-            if sum(c) == budget
-        )
-        assert min(n[s] * rates[s] for s in STAGES) == pytest.approx(best)
-
-
-def test_allocate_breaks_ties_in_stage_order() -> None:
-    rates = dict.fromkeys(STAGES, 1.0)
-    assert allocate(rates, UNIT, ONE_TYPE, 4, UNIT) == {"encoder": 2, "denoiser": 1, "decoder": 1}
-    assert allocate(rates, UNIT, ONE_TYPE, 5, UNIT) == {"encoder": 2, "denoiser": 2, "decoder": 1}
-
-
-def test_allocate_respects_maximum_wanted_and_instance_size() -> None:
-    rates = {"encoder": 1.0, "denoiser": 0.1, "decoder": 1.0}
-    n = allocate(rates, UNIT, ONE_TYPE, 50, UNIT, maximum={"denoiser": 10})
-    assert n["denoiser"] == 10 and sum(n.values()) == 50  # the rest goes to the others
-    n = allocate(rates, UNIT, ONE_TYPE, 50, UNIT, wanted={"denoiser": 5, "encoder": 2})
-    assert n["denoiser"] == 5 and n["encoder"] == 2 and n["decoder"] == 43
-    per = {"encoder": 1, "denoiser": 4, "decoder": 1}
-    n = allocate(rates, per, ONE_TYPE, 23, UNIT)
-    assert n["denoiser"] * 4 + n["encoder"] + n["decoder"] <= 23
-    assert n["denoiser"] == 5  # 20 GPUs; 3 left for the light stages
-
-
-def test_allocate_respects_accelerator_counts() -> None:
-    rates = {"encoder": 1.0, "denoiser": 0.01, "decoder": 1.0}
-    types = {"encoder": "small", "denoiser": "big", "decoder": "small"}
-    n = allocate(rates, UNIT, types, 100, UNIT, accelerator_counts={"big": 7, "small": None})
-    assert n["denoiser"] == 7
-    assert n["encoder"] + n["decoder"] == 93
-    n = allocate(rates, UNIT, types, 100, UNIT, accelerator_counts={"big": 7, "small": 4})
-    assert n == {"encoder": 2, "denoiser": 7, "decoder": 2}
-
-
-@pytest.mark.parametrize("odd", [0.0, math.inf, math.nan])
-def test_allocate_keeps_stages_without_a_finite_capacity_at_their_minimum(odd: float) -> None:
-    rates = {"encoder": 1.0, "denoiser": 0.5, "decoder": odd}
-    n = allocate(rates, UNIT, ONE_TYPE, 30, {"encoder": 1, "denoiser": 1, "decoder": 2})
-    assert n["decoder"] == 2
-    assert n["encoder"] + n["denoiser"] == 28
-    assert n["denoiser"] == 18  # 10·1 vs 18·0.5; the tie at 9 vs 18·0.5 went to the encoder
-
-
-def test_allocate_handles_large_budgets() -> None:
-    rates = {"encoder": 1 / 0.3, "denoiser": 1 / 25.0, "decoder": 1 / 0.3}
-    per = {"encoder": 1, "denoiser": 2, "decoder": 1}
-    n = allocate(rates, per, ONE_TYPE, 5000, UNIT)
-    used = n["encoder"] + 2 * n["denoiser"] + n["decoder"]
-    assert 5000 - 2 < used <= 5000
-    assert n["denoiser"] * 0.3 / 25 == pytest.approx(n["encoder"], abs=1.5)
-
-
-def test_allocate_starts_at_the_minimum_even_past_the_budget() -> None:
-    n = allocate(dict.fromkeys(STAGES, 1.0), UNIT, ONE_TYPE, 2, {"encoder": 2, "denoiser": 2})
-    assert n == {"encoder": 2, "denoiser": 2, "decoder": 0}
 
 
 # --- plan_for_gpus -------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 from disagfusion.cli import main
 from disagfusion.scheduling.builtin_profiles import BUILTIN_PROFILES, builtin_profile
 from disagfusion.scheduling.profile import (
+    DEFAULT_SLO,
     STAGES,
     ProfileError,
     RequestShape,
@@ -23,6 +24,7 @@ from disagfusion.scheduling.profile import (
     parse_slo,
     profile_to_dict,
 )
+from disagfusion.scheduling.stages import MONOLITHIC
 from disagfusion.worker.local.profiler import Measurement, fit_stage, measurement_shapes, nnls
 from disagfusion.worker.models import describe_model
 
@@ -70,6 +72,31 @@ def test_gpus_per_instance_from_memory() -> None:
         }
     )
     assert bigger.gpus_per_instance("denoiser", "S") == 2
+    assert bigger.gpus_per_instance(MONOLITHIC, "S") == 6  # 3 x 40.9 GB on 24 GB cards
+
+
+def test_a_monolithic_pool_runs_on_the_first_type_every_stage_has() -> None:
+    profile = parse_profile(
+        {
+            "accelerators": [{"name": "A", "count": 4}, {"name": "B"}],
+            "stages": {
+                "encoder": {"A": {"a": 1}, "B": {"a": 1}},
+                "denoiser": {"A": {"a": 1}, "B": {"a": 1}},
+                "decoder": {"B": {"a": 1}},
+            },
+        }
+    )
+    assert profile.default_accelerator("encoder") == "A"
+    assert profile.options(MONOLITHIC) == ("B",)
+    assert profile.default_accelerator(MONOLITHIC) == "B"
+    assert profile.accelerator_counts() == {"A": 4, "B": None}
+
+
+def test_the_slo_falls_back_to_the_profiles_then_to_the_default() -> None:
+    qwen = builtin_profile("qwen-image-h100")
+    assert qwen.slo_or_default("30s") == "30s"
+    assert qwen.slo_or_default(None) == "60s"
+    assert replace(qwen, default_slo=None).slo_or_default(None) == DEFAULT_SLO == "2x"
 
 
 def test_parse_profile_lists_every_problem() -> None:

@@ -17,7 +17,7 @@ from disagfusion.cli.simulate import AcceleratorLog, plot_context
 from disagfusion.scheduling.baselines import Load, make_policy, static_disagg
 from disagfusion.scheduling.builtin_profiles import builtin_profile
 from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_profile
-from disagfusion.scheduling.scaling import Decision, Knobs, Snapshot, StageDecision
+from disagfusion.scheduling.scaling import Decision, Knobs, PolicyBase, Snapshot, StageDecision
 from disagfusion.scheduling.sim.simulate import SimConfig, SimResult, simulate, timeline_of
 from disagfusion.scheduling.traces import TraceRequest, builtin_trace
 
@@ -46,7 +46,7 @@ def toy(startup: float = 60.0) -> Profile:
 
 
 @dataclass
-class Script:
+class Script(PolicyBase):
     """A test policy: sizes by time (the last step whose start <= now), recording snapshots."""
 
     steps: list[tuple[float, dict[str, int]]]

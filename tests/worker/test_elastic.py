@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 from disagfusion.cli import main
 from disagfusion.scheduling.hybrid import HybridPolicy
 from disagfusion.scheduling.profile import RequestShape
-from disagfusion.scheduling.scaling import Decision, Knobs, Snapshot, StageDecision
+from disagfusion.scheduling.scaling import Decision, Knobs, PolicyBase, Snapshot, StageDecision
 from disagfusion.worker.local import elastic
 from disagfusion.worker.local.elastic import (
     Autoscaler,
@@ -210,7 +210,7 @@ def test_apply_stops_adding_when_no_slot_is_free() -> None:
 
 
 @dataclass
-class WantDenoisers:
+class WantDenoisers(PolicyBase):
     """A test policy: the denoiser size it is told, everything else held."""
 
     wanted: int
@@ -332,7 +332,12 @@ def test_autoscaler_adds_a_denoiser_under_load_and_removes_it_after(
     lines: list[str] = []
     scaler = Autoscaler(cluster, HybridPolicy(), local_profile(), knobs, 4, report=lines.append)
     stop_scaling, stop_load = threading.Event(), threading.Event()
-    scaling = threading.Thread(target=scaler.run, args=(stop_scaling,), daemon=True)
+
+    def autoscale() -> None:  # what serve --local's supervision loop does every interval
+        while not stop_scaling.wait(knobs.interval_s):
+            scaler.safe_step()
+
+    scaling = threading.Thread(target=autoscale, daemon=True)
     scaling.start()
 
     def client(seed: int) -> list[int]:

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_SEED",
     "ApiError",
     "RequestLimits",
+    "error_body",
     "images_response",
     "parse_images_request",
     "parse_size",
@@ -86,6 +87,13 @@ _KNOWN_FIELDS = frozenset(
 )
 
 
+def error_body(
+    message: str, *, code: str, param: str | None = None, kind: str = "invalid_request_error"
+) -> dict[str, Any]:
+    """OpenAI's error shape: the one body every error of the gateway answers with."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 class ApiError(ValueError):
     """A request the gateway rejects, with its HTTP status and OpenAI error body.
 
@@ -102,14 +110,7 @@ class ApiError(ValueError):
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error shape, ready to serialise as the response body."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": "invalid_request_error",
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, code=self.code, param=self.param)
 
     def __repr__(self) -> str:
         return (

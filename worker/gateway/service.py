@@ -27,6 +27,7 @@ from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.api import (
     ApiError,
     RequestLimits,
+    error_body,
     images_response,
     parse_images_request,
 )
@@ -62,14 +63,7 @@ class RequestFailed(Exception):
         kind = "invalid_request_error" if 400 <= self.status < 500 else "server_error"
         if self.status == 429:
             kind = "rate_limit_error"
-        return {
-            "error": {
-                "message": self.message,
-                "type": kind,
-                "param": None,
-                "code": _ERROR_CODES.get(self.status, "error"),
-            }
-        }
+        return error_body(self.message, code=_ERROR_CODES.get(self.status, "error"), kind=kind)
 
 
 _ERROR_CODES = {
@@ -396,9 +390,7 @@ FROM_CLIENT = web.RequestKey("request_id_from_client", bool)
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
-    return web.json_response(
-        ApiError(status, message, code=code, param=param).body(), status=status
-    )
+    return web.json_response(error_body(message, code=code, param=param), status=status)
 
 
 @web.middleware

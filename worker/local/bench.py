@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from disagfusion.cli.common import int_at_least, non_negative_float
+from disagfusion.scheduling.stats import percentile
 from disagfusion.worker.gateway.client import post_json
 from disagfusion.worker.local.launcher import LocalCluster, LocalOptions, free_port
 
@@ -87,15 +87,6 @@ def bench_params(args: argparse.Namespace, delay_ms: float) -> BenchParams:
 def report(params: BenchParams, results: dict[str, ModeResult]) -> dict[str, Any]:
     """The --json output: the settings once, then one result per mode run (in run order)."""
     return {"params": asdict(params), "modes": {mode: asdict(r) for mode, r in results.items()}}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
 
 
 def drive(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +24,9 @@ from typing import Any, Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from disagfusion.scheduling.profile import STAGES, Profile, RequestShape, parse_profile
+from disagfusion.scheduling.profile import Profile, RequestShape, parse_profile
 from disagfusion.scheduling.scaling import Decision, Knobs, Policy, Snapshot, StageObservation
+from disagfusion.scheduling.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,8 @@ def scrape(cluster: ElasticCluster, now: float, timeout_s: float = 2.0) -> Obser
 
 
 class Autoscaler:
-    """Scrape → snapshot → policy → add/remove processes, once per `step`."""
+    """Scrape → snapshot → policy → add/remove processes, once per `step`
+    (`serve --local` calls `safe_step` every interval from its supervision loop)."""
 
     def __init__(
         self,
@@ -326,8 +327,3 @@ class Autoscaler:
             self.step()
         except Exception:  # one bad round must not end autoscaling, nor the server
             log.exception("autoscale step failed; holding")
-
-    def run(self, stop: threading.Event) -> None:
-        """Step every interval until `stop` is set (for a background thread)."""
-        while not stop.wait(self.knobs.interval_s):
-            self.safe_step()

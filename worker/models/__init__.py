@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from disagfusion.worker.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, ensure_builtin
+from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX
+from disagfusion.worker.models.builtin import BUILTIN_NAMES, ensure_builtin
 from disagfusion.worker.models.loading import ModelInfo, ModelSourceError, describe_model
 
 if TYPE_CHECKING:

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("tiny-unet", "tiny-mmdit")
 # Written last into every builtin dir; bump BUILD_VERSION when a config below
 # changes so stale caches are rebuilt instead of silently reused.

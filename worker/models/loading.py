@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX
 from disagfusion.worker.models import builtin
 
 Family = Literal["unet", "mmdit"]
@@ -64,10 +65,10 @@ def resolve_source(
     source: str, cache_dir: str | os.PathLike[str] | None = None
 ) -> tuple[Path, str]:
     """Return (pipeline dir, display name); builds a builtin if it is missing."""
-    if source.startswith(builtin.BUILTIN_PREFIX):
-        name = source.removeprefix(builtin.BUILTIN_PREFIX)
+    if source.startswith(BUILTIN_PREFIX):
+        name = source.removeprefix(BUILTIN_PREFIX)
         if name not in builtin.BUILTIN_NAMES:
-            known = ", ".join(builtin.BUILTIN_PREFIX + n for n in builtin.BUILTIN_NAMES)
+            known = ", ".join(BUILTIN_PREFIX + n for n in builtin.BUILTIN_NAMES)
             raise ModelSourceError(f"unknown builtin model {source!r}; known: {known}")
         try:
             return builtin.ensure_builtin(name, cache_dir), name
