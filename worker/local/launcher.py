@@ -317,12 +317,6 @@ class LocalCluster:
                 self.draining.remove(child)
                 self.spare[child.role].insert(0, child)
 
-    def restart(self, child: Child) -> None:
-        """Start a stopped or killed child again on the same ports."""
-        if child.proc is not None and child.proc.poll() is None:
-            raise RuntimeError(f"{child.name} is still running")
-        self._spawn(child)
-
     def exited(self) -> list[Child]:
         return [c for c in self.children if c.proc is not None and c.proc.poll() is not None]
 
