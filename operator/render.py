@@ -227,7 +227,13 @@ def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageS
         args += ["--device", "cuda"]
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
-    return args
+    return args + _family_args(spec)
+
+
+def _family_args(spec: PipelineSpec) -> list[str]:
+    """`--family NAME` for a pinned family (the worker then checks model_index.json's
+    pipeline class); none for auto, where it reads the family from model_index.json."""
+    return [] if spec.model.family == "auto" else ["--family", spec.model.family]
 
 
 def _gpus(resources: dict[str, Any]) -> bool:
@@ -367,6 +373,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     ]
     if spec.model.served_name is not None:
         args += ["--served-model-name", spec.model.served_name]
+    args += _family_args(spec)
     container: dict[str, Any] = {
         "name": "gateway",
         "image": gw.image,

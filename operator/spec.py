@@ -23,7 +23,13 @@ from disagfusion.scheduling.stages import STAGES
 DEFAULT_IMAGE = f"disagfusion-worker:{__version__}"
 # spec.model.servedName: an OpenAI-style model id, short enough for logs and labels.
 MAX_SERVED_NAME = 128
-FAMILIES = ("auto", "unet", "mmdit")
+# spec.model.family: a model family (`disagfusion worker/gateway --family NAME`), or auto:
+# no flag, the worker reads model_index.json. The CRD's enum and the worker's family
+# registry name the same families (tests/operator/test_examples.py, the worker tests).
+FAMILIES = ("auto", "unet", "sd3", "flux", "sdxl", "qwen-image")
+# Deprecated family names still accepted (pipelines applied with them keep reconciling),
+# and the family each means now.
+FAMILY_ALIASES = {"mmdit": "sd3"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORTS = ("grpc",)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -42,7 +48,7 @@ class SpecError(ValueError):
 class ModelSpec:
     source: str
     revision: str | None = None
-    family: str = "auto"
+    family: str = "auto"  # a FAMILIES name (a deprecated one is replaced by what it means)
     dtype: str = "auto"
     volume: dict[str, Any] | None = None
     mount_path: str = "/models"
@@ -178,6 +184,21 @@ class _Reader:
         return value
 
 
+def _family(r: _Reader, m: Mapping[str, Any]) -> str:
+    """spec.model.family, a deprecated name replaced by the family it means."""
+    value = r.str_(m, "family", "spec.model.family", "auto") or "auto"
+    value = FAMILY_ALIASES.get(value, value)
+    if value not in FAMILIES:
+        deprecated = "; ".join(
+            f"{a}: the deprecated name of {f}" for a, f in FAMILY_ALIASES.items()
+        )
+        r.problems.append(
+            f"spec.model.family: must be one of {', '.join(FAMILIES)} ({deprecated}), got {value!r}"
+        )
+        return "auto"
+    return value
+
+
 def _model(r: _Reader, spec: Mapping[str, Any]) -> ModelSpec:
     m = r.obj(spec, "model", "spec.model")
     source = r.str_(m, "source", "spec.model.source")
@@ -194,7 +215,7 @@ def _model(r: _Reader, spec: Mapping[str, Any]) -> ModelSpec:
     return ModelSpec(
         source=source,
         revision=r.str_(m, "revision", "spec.model.revision"),
-        family=r.str_(m, "family", "spec.model.family", "auto", FAMILIES) or "auto",
+        family=_family(r, m),
         dtype=r.str_(m, "dtype", "spec.model.dtype", "auto", DTYPES) or "auto",
         volume=dict(volume) if volume is not None else None,
         mount_path=mount_path,

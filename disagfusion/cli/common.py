@@ -132,6 +132,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="builtin:NAME, a local diffusers directory, or a hub id in the local HF cache",
     )
+    from disagfusion.worker.models.families import ALIASES, FAMILIES
+
+    p.add_argument(
+        "--family",
+        default="auto",
+        choices=("auto", *FAMILIES, *ALIASES),
+        help="the model family the deployment expects; a model of another family is refused"
+        " (auto: whatever model_index.json says)",
+    )
 
 
 def add_served_name(p: argparse.ArgumentParser) -> None:

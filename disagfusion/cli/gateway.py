@@ -86,6 +86,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         run_gateway(
             GatewayOptions(
                 model=args.model,
+                family=args.family,
                 port=args.port,
                 grpc_port=args.grpc_port,
                 stage_addrs=topology,

@@ -122,10 +122,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not port_is_free(args.port):
         print(f"error: port {args.port} is in use; pick another with --port", file=sys.stderr)
         return 2
-    info = describe_model(args.model)
+    info = describe_model(args.model, family=args.family)
     cluster = LocalCluster(
         LocalOptions(
             model=args.model,
+            family=args.family,
             port=args.port,
             encoders=args.encoders,
             denoisers=args.denoisers,

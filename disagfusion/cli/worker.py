@@ -70,6 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     opts = WorkerOptions(
         role=args.role,
         model=args.model,
+        family=args.family,
         port=args.port,
         http_port=args.http_port,
         host=args.host,

@@ -19,8 +19,16 @@ import jsonschema
 import pytest
 import yaml
 
-from disagfusion.operator.render import Owner, render_all
-from disagfusion.operator.spec import DEFAULT_IMAGE, MAX_SERVED_NAME, parse_spec, validate_spec
+from disagfusion.operator import conditions as cond
+from disagfusion.operator.render import Child, Owner, render_all
+from disagfusion.operator.spec import (
+    DEFAULT_IMAGE,
+    FAMILIES,
+    FAMILY_ALIASES,
+    MAX_SERVED_NAME,
+    parse_spec,
+    validate_spec,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "disagfusion.io_diffusionpipelines.yaml"
@@ -103,8 +111,15 @@ def test_the_crd_exists() -> None:
     load_crd()
 
 
-def test_both_examples_exist() -> None:
-    assert {"tiny-local.yaml", "sd3-gpu.yaml"} <= {p.name for p in EXAMPLES}
+def test_the_examples_exist() -> None:
+    """The tests below run over every examples/*.yaml; these must be among them."""
+    assert {
+        "tiny-local.yaml",
+        "tiny-autoscaled.yaml",
+        "sd3-gpu.yaml",
+        "flux-gpu.yaml",
+        "qwen-image-gpu.yaml",
+    } <= {p.name for p in EXAMPLES}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -195,7 +210,7 @@ def test_tiny_local_is_a_cpu_builtin_one_to_one_to_one() -> None:
 def test_sd3_gpu_is_one_to_four_to_one_on_gpus_from_a_pvc() -> None:
     obj = example("sd3-gpu.yaml")
     spec = obj["spec"]
-    assert spec["model"]["family"] == "mmdit"
+    assert spec["model"]["family"] == "sd3"
     assert spec["model"]["volume"]["persistentVolumeClaim"]["claimName"]
     assert replicas(obj) == (1, 4, 1)
     denoiser = spec["stages"]["denoiser"]
@@ -204,10 +219,147 @@ def test_sd3_gpu_is_one_to_four_to_one_on_gpus_from_a_pvc() -> None:
     assert spec["autoscaling"]["mode"] == "Advisory"
 
 
+def rendered(obj: dict[str, Any]) -> list[Child]:
+    return render_all(Owner(obj["metadata"]["name"], "default", "uid-1"), parse_spec(obj["spec"]))
+
+
 def rendered_statefulsets(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    owner = Owner(obj["metadata"]["name"], "default", "uid-1")
-    children = render_all(owner, parse_spec(obj["spec"]))
-    return {c.name: c.body for c in children if c.kind == "StatefulSet"}
+    return {c.name: c.body for c in rendered(obj) if c.kind == "StatefulSet"}
+
+
+def workloads(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Component (encoder, denoiser, decoder, gateway) -> its rendered pod spec."""
+    return {
+        c.body["metadata"]["labels"]["app.kubernetes.io/component"]: c.body["spec"]["template"][
+            "spec"
+        ]
+        for c in rendered(obj)
+        if c.kind in ("StatefulSet", "Deployment")
+    }
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value of `name` in a container's args (None when absent; never given twice)."""
+    assert args.count(name) <= 1, args
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_renders_every_stage_and_the_gateway(path: Path) -> None:
+    for obj in pipelines(path):
+        spec = parse_spec(obj["spec"])
+        pods = workloads(obj)
+        assert set(pods) == {"encoder", "denoiser", "decoder", "gateway"}
+        sizes = {
+            c.body["metadata"]["labels"]["app.kubernetes.io/component"]: c.body["spec"]["replicas"]
+            for c in rendered(obj)
+            if c.kind == "StatefulSet"
+        }
+        assert sizes == {s: spec.stages[s].replicas for s in ("encoder", "denoiser", "decoder")}
+        for component, pod in pods.items():
+            (container,) = pod["containers"]
+            args = container["args"]
+            assert args[0] == ("gateway" if component == "gateway" else "worker")
+            assert flag(args, "--model") == obj["spec"]["model"]["source"]
+            # A pinned family reaches every pod as --family; auto (the default) passes none.
+            family = spec.model.family
+            assert flag(args, "--family") == (None if family == "auto" else family), component
+
+
+GPU_EXAMPLES = [
+    # example, family, (encoder, denoiser, decoder) replicas, GPU per stage
+    ("sd3-gpu.yaml", "sd3", (1, 4, 1), ("NVIDIA-L4", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L4")),
+    ("flux-gpu.yaml", "flux", (1, 4, 2), ("NVIDIA-L4", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L4")),
+    (
+        "qwen-image-gpu.yaml",
+        "qwen-image",
+        (1, 6, 1),
+        ("NVIDIA-L40S", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L4"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "sizes", "products"), GPU_EXAMPLES, ids=[e[0] for e in GPU_EXAMPLES]
+)
+def test_gpu_examples_render_their_family_on_gpus_from_a_read_only_pvc(
+    name: str, family: str, sizes: tuple[int, ...], products: tuple[str, ...]
+) -> None:
+    obj = example(name)
+    assert obj["spec"]["model"]["family"] == family
+    assert obj["spec"]["model"]["dtype"] == "bfloat16"
+    assert replicas(obj) == sizes
+    assert obj["spec"]["gateway"]["apiKeySecretRef"]["name"]
+    assert obj["spec"]["autoscaling"]["mode"] == "Advisory"
+    claim = obj["spec"]["model"]["volume"]["persistentVolumeClaim"]["claimName"]
+    pods = workloads(obj)
+    for component, pod in pods.items():
+        (container,) = pod["containers"]
+        assert flag(container["args"], "--family") == family, component
+        assert flag(container["args"], "--dtype") == (
+            None if component == "gateway" else "bfloat16"
+        )
+        # Every pod, the gateway too (it reads model_index.json), mounts the weights read-only.
+        (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert volume["persistentVolumeClaim"]["claimName"] == claim
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount == {"name": volume["name"], "mountPath": "/models", "readOnly": True}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HF_HOME"] == "/models" and env["HF_HUB_OFFLINE"] == "1"
+    for stage, product in zip(("encoder", "denoiser", "decoder"), products, strict=True):
+        pod = pods[stage]
+        (container,) = pod["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, stage
+        assert flag(container["args"], "--device") == "cuda", stage
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": product}, stage
+        assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"]), stage
+    assert "nvidia.com/gpu" not in str(pods["gateway"]["containers"][0].get("resources", {}))
+
+
+def test_flux_gpu_serves_flux1_schnell() -> None:
+    spec = example("flux-gpu.yaml")["spec"]
+    assert spec["model"]["source"] == "black-forest-labs/FLUX.1-schnell"
+    assert spec["model"]["volume"]["persistentVolumeClaim"]["claimName"] == "flux-weights"
+    assert spec["gateway"]["apiKeySecretRef"]["name"] == "flux-api-key"
+
+
+def test_qwen_image_gpu_is_sized_by_the_builtin_qwen_image_profile() -> None:
+    spec = example("qwen-image-gpu.yaml")["spec"]
+    assert spec["model"]["source"] == "Qwen/Qwen-Image"
+    assert spec["model"]["volume"]["persistentVolumeClaim"]["claimName"] == "qwen-image-weights"
+    assert spec["gateway"]["apiKeySecretRef"]["name"] == "qwen-image-api-key"
+    auto = parse_spec(spec).autoscaling
+    assert auto.profile_name == "builtin:qwen-image-h100" and auto.profile is not None
+    # The GPU budget covers every stage at its maxReplicas.
+    stages = parse_spec(spec).stages
+    assert auto.knobs.max_gpus == sum(st.max_replicas for st in stages.values())
+    # Each stage's weights fit the memory of the card it runs on (the profile's GB).
+    memory = {"NVIDIA-L40S": 48, "NVIDIA-H100-80GB-HBM3": 80, "NVIDIA-L4": 24}
+    for stage, st in stages.items():
+        (cost,) = auto.profile.stages[stage].values()
+        assert cost.memory_gb < memory[st.node_selector["nvidia.com/gpu.product"]], stage
+
+
+# Families: the CRD's enum, the operator's FAMILIES and the deprecated names agree.
+
+
+def family_enum() -> list[str]:
+    crd = load_crd()
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    model = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]
+    enum: list[str] = model["properties"]["family"]["enum"]
+    return enum
+
+
+def test_the_crd_and_the_operator_name_the_same_families() -> None:
+    # The worker's family registry is checked against FAMILIES by the worker tests,
+    # so the CRD, the operator and the workers all accept the same family names.
+    enum = family_enum()
+    assert len(enum) == len(set(enum))
+    assert set(FAMILIES) - {"auto"} == set(enum) - {"auto", "mmdit"}
+    assert {"auto", *FAMILY_ALIASES} <= set(enum)
+    assert FAMILY_ALIASES == {"mmdit": "sd3"}
+    assert set(FAMILIES) == {"auto", "unet", "sd3", "flux", "sdxl", "qwen-image"}
 
 
 def test_the_operator_renders_the_sd3_denoisers_on_gpus() -> None:
@@ -295,3 +447,38 @@ def test_example_comments_build_and_load_the_images_first(path: Path) -> None:
     assert not missing, f"{path.name} lacks {missing}"
     assert any(line.startswith("helm install disagfusion charts/disagfusion") for line in lines)
     assert "ghcr.io" not in path.read_text()
+
+
+def with_family(family: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(example("sd3-gpu.yaml"))
+    obj["spec"]["model"]["family"] = family
+    return obj
+
+
+def test_the_deprecated_family_mmdit_still_means_sd3() -> None:
+    """Pipelines applied with family: mmdit keep passing the CRD and reconciling, as sd3."""
+    obj = with_family("mmdit")
+    assert errors(obj) == []
+    assert validate_spec(obj["spec"]) == []
+    assert parse_spec(obj["spec"]).model.family == "sd3"
+    for component, pod in workloads(obj).items():
+        assert flag(pod["containers"][0]["args"], "--family") == "sd3", component
+    assert [c.body for c in rendered(obj)] == [c.body for c in rendered(with_family("sd3"))]
+
+
+@pytest.mark.parametrize("family", ["dalle", "MMDiT", "qwen_image", "sd3 "])
+def test_an_unknown_family_is_rejected_naming_the_families(family: str) -> None:
+    obj = with_family(family)
+    found = errors(obj)
+    assert found and all(e.startswith("spec.model.family: ") for e in found), found
+    assert all(f"'{name}'" in found[0] for name in family_enum()), found
+    # The operator's own check (what it reports as the InvalidSpec condition and Event).
+    (problem,) = validate_spec(obj["spec"])
+    assert problem.startswith("spec.model.family: must be one of "), problem
+    assert f"got {family!r}" in problem
+    named = problem.removeprefix("spec.model.family: must be one of ").split(" (")[0]
+    assert named.split(", ") == list(FAMILIES), problem
+    assert "(mmdit: the deprecated name of sd3)" in problem
+    conditions = cond.apply_invalid([], [problem], "2026-11-27T12:00:00Z", 1)
+    ready = cond.get_condition(conditions, "Ready")
+    assert ready is not None and ready["message"] == problem

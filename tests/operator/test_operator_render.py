@@ -482,6 +482,46 @@ def test_served_name_reaches_the_gateway_only(name: str) -> None:
         assert "--served-model-name" not in container(children[f"StatefulSet/sd-{stage}"])["args"]
 
 
+def defaults_family() -> str:
+    return parse_spec(spec()).model.family
+
+
+@pytest.mark.parametrize(
+    ("family", "flag"),
+    [
+        (None, None),  # unset: auto
+        ("auto", None),  # the worker reads the family from model_index.json
+        ("unet", "unet"),
+        ("sd3", "sd3"),
+        ("mmdit", "sd3"),  # the deprecated name, normalised
+        ("flux", "flux"),
+        ("sdxl", "sdxl"),
+        ("qwen-image", "qwen-image"),
+    ],
+)
+def test_a_pinned_family_reaches_every_worker_and_the_gateway(
+    family: str | None, flag: str | None
+) -> None:
+    model = {"source": "org/model", "dtype": "bfloat16"}
+    if family is not None:
+        model["family"] = family
+    s = parse_spec(spec(model=model))
+    assert s.model.family == (flag or "auto")
+    children = by_name(render_all(OWNER, s))
+    for key in (
+        "StatefulSet/sd-encoder",
+        "StatefulSet/sd-denoiser",
+        "StatefulSet/sd-decoder",
+        "Deployment/sd-gateway",
+    ):
+        args = container(children[key])["args"]
+        if flag is None:
+            assert "--family" not in args, key
+        else:
+            assert args.count("--family") == 1, key
+            assert args[args.index("--family") + 1] == flag, key
+
+
 def test_hash_is_stable_and_tracks_inputs() -> None:
     a = {c.name + c.kind: c.input_hash for c in render_all(OWNER, parse_spec(spec()))}
     b = {c.name + c.kind: c.input_hash for c in render_all(OWNER, parse_spec(spec()))}
@@ -625,7 +665,14 @@ def test_crd_schema_is_structural_and_matches_the_parser() -> None:
         assert key in stage["properties"], key
     model = spec_schema["properties"]["model"]
     assert model["required"] == ["source"]
-    assert model["properties"]["family"]["enum"] == ["auto", "unet", "mmdit"]
+    family = model["properties"]["family"]
+    assert family["enum"] == ["auto", "unet", "sd3", "flux", "sdxl", "qwen-image", "mmdit"]
+    assert family["default"] == defaults_family() == "auto"
+    assert "mmdit is the deprecated name of sd3" in family["description"]
+    assert "model_index.json" in family["description"]
+    source = model["properties"]["source"]["description"]
+    for name in ("tiny-unet", "tiny-mmdit", "tiny-flux", "tiny-sdxl", "tiny-qwen-image"):
+        assert f"builtin:{name}," in source, name
     assert spec_schema["properties"]["transport"]["properties"]["backend"]["default"] == "grpc"
     # The CRD's defaults are the parser's defaults.
     defaults = parse_spec(spec())

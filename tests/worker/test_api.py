@@ -553,3 +553,20 @@ def test_property_parse_or_api_error(body: object) -> None:
     assert 0 <= params.seed <= MAX_SEED
     for value in (params.num_images, params.num_inference_steps, params.seed):
         assert type(value) is int
+
+
+def test_a_model_without_negative_prompts_refuses_one_and_says_why() -> None:
+    from dataclasses import replace
+
+    limits = replace(LIMITS, no_negative_prompt="FluxPipeline models take no negative prompt")
+    with pytest.raises(ApiError) as err:
+        parse(with_field("negative_prompt", "blurry"), limits)
+    assert (err.value.status, err.value.param, err.value.code) == (
+        400,
+        "negative_prompt",
+        "unsupported_value",
+    )
+    assert "FluxPipeline models take no negative prompt" in err.value.message
+    # An empty one asks for nothing, as the openai client may send it.
+    assert parse(with_field("negative_prompt", ""), limits).negative_prompt == ""
+    assert parse(with_field("negative_prompt", "blurry")).negative_prompt == "blurry"

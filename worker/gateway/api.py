@@ -143,6 +143,9 @@ class RequestLimits:
     max_guidance: float = 50.0
     max_n: int = 4
     max_prompt_chars: int = 4000
+    # Why this model takes no negative prompt (e.g. guidance-distilled FLUX.1), or
+    # None when it takes one.
+    no_negative_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_size == 0:
@@ -421,6 +424,12 @@ def parse_images_request(
         )
 
     negative = get("negative_prompt")
+    if negative not in (None, "") and limits.no_negative_prompt is not None:
+        raise _bad(
+            "negative_prompt",
+            f"Unsupported 'negative_prompt': {limits.no_negative_prompt}.",
+            "unsupported_value",
+        )
     negative_prompt = (
         "" if negative is None else _str_field(negative, "negative_prompt", limits.max_prompt_chars)
     )

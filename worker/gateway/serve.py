@@ -38,16 +38,18 @@ class GatewayOptions:
     max_images: int = 4
     served_model_name: str | None = None
     drain_timeout_s: float = 60.0
+    family: str = "auto"
 
 
 def limits_for(
-    model: str, max_images: int = 4, served_name: str | None = None
+    model: str, max_images: int = 4, served_name: str | None = None, family: str = "auto"
 ) -> tuple[str, RequestLimits]:
     """The public model id and the request limits; `model` (the source string as
     given) and the display name are accepted as aliases of the id."""
     from disagfusion.worker.models import describe_model
 
-    info = describe_model(model)
+    info = describe_model(model, family=family)
+    spec = info.family_spec
     public = served_name or info.name
     aliases = tuple(dict.fromkeys(a for a in (model, info.name) if a != public))
     return public, RequestLimits(
@@ -59,13 +61,18 @@ def limits_for(
         default_steps=info.default_steps,
         default_guidance=info.default_guidance,
         max_n=max_images,
+        no_negative_prompt=(
+            None
+            if spec.negative_prompt
+            else f"{info.pipeline_class} models take no negative prompt ({spec.name} family)"
+        ),
     )
 
 
 async def run_gateway(opts: GatewayOptions) -> int:
     import grpc
 
-    name, limits = limits_for(opts.model, opts.max_images, opts.served_model_name)
+    name, limits = limits_for(opts.model, opts.max_images, opts.served_model_name, opts.family)
     first = "monolithic" if "monolithic" in opts.stage_addrs else "encoder"
     gateway = Gateway(
         GatewayConfig(

@@ -90,6 +90,7 @@ class Child:
 @dataclass
 class LocalOptions:
     model: str = "builtin:tiny-unet"
+    family: str = "auto"
     port: int = 8000
     encoders: int = 1
     denoisers: int = 1
@@ -167,7 +168,7 @@ class LocalCluster:
 
     def _common_args(self, delay: bool = True) -> list[str]:
         o = self.opts
-        args = ["--model", o.model, "--pipeline", o.pipeline]
+        args = ["--model", o.model, "--family", o.family, "--pipeline", o.pipeline]
         if delay and (o.handoff_delay_ms or o.handoff_jitter_ms):
             args += [
                 "--handoff-delay-ms",
@@ -252,7 +253,9 @@ class LocalCluster:
     def start(self) -> None:
         from disagfusion.worker.models import describe_model
 
-        describe_model(self.opts.model)  # build a builtin once, before N processes race for it
+        describe_model(
+            self.opts.model, family=self.opts.family
+        )  # build a builtin once, before N processes race for it
         if self.gateway is None:
             self.plan()
         if self.opts.log_dir:

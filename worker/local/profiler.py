@@ -283,9 +283,8 @@ def _params(info: ModelInfo, shape: RequestShape) -> GenerationParams:
 def _latents(stage: Any, shape: RequestShape, device: str) -> Any:
     import torch
 
-    scale = stage.info.vae_scale_factor
-    channels = stage.pipe.vae.config.latent_channels
-    size = (1, channels, shape.height // scale, shape.width // scale)
+    params = GenerationParams(prompt=PROMPT, width=shape.width, height=shape.height)
+    size = stage.latent_shape(params)
     return torch.randn(size, generator=torch.Generator().manual_seed(0)).to(device)
 
 

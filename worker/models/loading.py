@@ -13,25 +13,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from disagfusion.scheduling.builtin_profiles import BUILTIN_PREFIX
 from disagfusion.worker.models import builtin
+from disagfusion.worker.models.families import FAMILIES, Family, SizeRules, by_class, by_name
 
-Family = Literal["unet", "mmdit"]
-
-# Pipeline class -> family. Both families share the stage code in stages.py.
-PIPELINE_FAMILIES: dict[str, Family] = {
-    "StableDiffusionPipeline": "unet",  # SD 1.x and 2.x (epsilon or v-prediction)
-    "StableDiffusion3Pipeline": "mmdit",
-}
-# Recognised but not served yet: say so instead of "unsupported".
-_NOT_YET = {
-    "FluxPipeline": "Flux packs latents and uses guidance embeddings; not supported yet",
-    "StableDiffusionXLPipeline": "SDXL needs size/crop conditioning; not supported yet",
-}
-# The pipelines' own __call__ defaults, for checkpoints without our sidecar.
-_FAMILY_DEFAULTS: dict[Family, tuple[int, float]] = {"unet": (50, 7.5), "mmdit": (28, 7.0)}
 DEFAULT_MAX_SIZE = 2048
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -45,7 +32,7 @@ class ModelInfo:
     name: str
     source: str
     path: str
-    family: Family
+    family: str  # a name in families.FAMILIES
     pipeline_class: str
     vae_scale_factor: int
     size_multiple: int  # width and height must be multiples of this (pixels)
@@ -54,11 +41,38 @@ class ModelInfo:
     default_steps: int
     default_guidance: float
 
+    @property
+    def family_spec(self) -> Family:
+        return FAMILIES[self.family]
 
-def describe_model(source: str, cache_dir: str | os.PathLike[str] | None = None) -> ModelInfo:
-    """Describe `source`: `builtin:<name>`, a local diffusers dir, or a cached hub id."""
+    @property
+    def sizes(self) -> SizeRules:
+        return SizeRules(self.vae_scale_factor, self.size_multiple, self.default_size)
+
+
+def describe_model(
+    source: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    family: str | None = None,
+) -> ModelInfo:
+    """Describe `source`: `builtin:<name>`, a local diffusers dir, or a cached hub id.
+
+    `family` (a name, or None/"auto") is what the deployment expects; a model of
+    another family is an error rather than a surprise at the first request.
+    """
     path, name = resolve_source(source, cache_dir)
-    return _describe_dir(path, name=name, source=source)
+    info = _describe_dir(path, name=name, source=source)
+    if family not in (None, "auto"):
+        try:
+            expected = by_name(family)
+        except KeyError as exc:
+            raise ModelSourceError(exc.args[0]) from None
+        if expected.name != info.family:
+            raise ModelSourceError(
+                f"{source} is a {info.pipeline_class} (family {info.family}), "
+                f"but family {family} ({expected.pipeline_class}) was asked for"
+            )
+    return info
 
 
 def resolve_source(
@@ -120,46 +134,38 @@ def _describe_dir(path: Path, *, name: str, source: str) -> ModelInfo:
     cls = index.get("_class_name")
     if not isinstance(cls, str):
         raise ModelSourceError(f"{path}/model_index.json has no _class_name")
-    if cls in _NOT_YET:
-        raise ModelSourceError(f"{cls} in {path}: {_NOT_YET[cls]}")
-    family = PIPELINE_FAMILIES.get(cls)
+    family = by_class(cls)
     if family is None:
-        supported = ", ".join(PIPELINE_FAMILIES)
+        supported = ", ".join(f"{f.pipeline_class} ({f.name})" for f in FAMILIES.values())
         raise ModelSourceError(
             f"unsupported pipeline class {cls} in {path}; supported: {supported}"
         )
 
     components = read_components(path)
-    vae = _component_config(path, components, "vae")
-    # Same formula as the pipelines' own __init__.
-    vae_scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
-    if family == "unet":
-        net = _component_config(path, components, "unet")
-        # Each down block but the last halves the latents; whole multiples keep
-        # the UNet's skip connections aligned without its resize fallback.
-        multiple = vae_scale * 2 ** max(len(net.get("down_block_types", [])) - 1, 0)
-    else:
-        net = _component_config(path, components, "transformer")
-        multiple = vae_scale * int(net.get("patch_size", 2))
-    sample = net.get("sample_size", 64)
-    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else (sample[0], sample[1])
 
-    steps, guidance = _FAMILY_DEFAULTS[family]
+    def config(component: str) -> dict[str, Any]:
+        return _component_config(path, components, component)
+
+    sizes = family.size_rules(config)
+    default_size = sizes.default_size
+    steps, guidance = family.serving_defaults(config)
     max_size = DEFAULT_MAX_SIZE
     meta = builtin.read_sidecar(path)
     if meta is not None and meta.get("builder") == "disagfusion":
         steps = int(meta.get("default_steps", steps))
         guidance = float(meta.get("default_guidance", guidance))
         max_size = int(meta.get("max_size", max_size))
+        if "default_size" in meta:
+            default_size = (int(meta["default_size"][0]), int(meta["default_size"][1]))
     return ModelInfo(
         name=name,
         source=source,
         path=str(path),
-        family=family,
+        family=family.name,
         pipeline_class=cls,
-        vae_scale_factor=vae_scale,
-        size_multiple=multiple,
-        default_size=(int(sample_w) * vae_scale, int(sample_h) * vae_scale),
+        vae_scale_factor=sizes.vae_scale_factor,
+        size_multiple=sizes.size_multiple,
+        default_size=default_size,
         max_size=max_size,
         default_steps=steps,
         default_guidance=guidance,

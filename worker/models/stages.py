@@ -17,17 +17,10 @@ from typing import Any
 import torch
 
 from disagfusion.worker.models.builtin import quiet_progress
+from disagfusion.worker.models.families import FAMILIES, Family, TensorSpec
 from disagfusion.worker.models.loading import ModelInfo, describe_model, read_components
 from disagfusion.worker.params import ROLES, GenerationParams
 
-# Components each role loads, by name or name prefix (text_encoder_2, tokenizer_3).
-# Anything else (safety_checker, feature_extractor, image_encoder) is never
-# loaded: no stage runs it, so the monolithic baseline drops it as well.
-_ROLE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "encoder": ("text_encoder", "tokenizer"),
-    "denoiser": ("unet", "transformer", "scheduler"),
-    "decoder": ("vae",),
-}
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -36,13 +29,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# The order of encode_prompt's return values (SD: the first two).
-_ENCODE_ORDER = (
-    "prompt_embeds",
-    "negative_prompt_embeds",
-    "pooled_prompt_embeds",
-    "negative_pooled_prompt_embeds",
-)
 LATENTS = "latents"
 IMAGES = "images"
 
@@ -54,28 +40,20 @@ class StageInputError(ValueError):
     """
 
 
-def uses_cfg(params: GenerationParams) -> bool:
-    """Classifier-free guidance, as the pipelines decide it (guidance_scale > 1)."""
-    return params.guidance_scale > 1
-
-
-def embedding_names(family: str, cfg: bool) -> tuple[str, ...]:
-    """Tensors the encoder sends to the denoiser."""
-    names = ["prompt_embeds"] + (["negative_prompt_embeds"] if cfg else [])
-    if family == "mmdit":
-        names += ["pooled_prompt_embeds"] + (["negative_pooled_prompt_embeds"] if cfg else [])
-    return tuple(names)
+def embedding_names(family: str, params: GenerationParams) -> tuple[str, ...]:
+    """Tensors the encoder sends to the denoiser for this request."""
+    return FAMILIES[family].embedding_names(params)
 
 
 def input_names(role: str, family: str, params: GenerationParams) -> tuple[str, ...]:
     if role == "denoiser":
-        return embedding_names(family, uses_cfg(params))
+        return embedding_names(family, params)
     return (LATENTS,) if role == "decoder" else ()
 
 
 def output_names(role: str, family: str, params: GenerationParams) -> tuple[str, ...]:
     if role == "encoder":
-        return embedding_names(family, uses_cfg(params))
+        return embedding_names(family, params)
     return (LATENTS,) if role == "denoiser" else (IMAGES,)
 
 
@@ -89,11 +67,12 @@ def resolve_dtype(device: str, dtype: str | None) -> torch.dtype:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}") from None
 
 
-def stage_components(role: str, components: Mapping[str, object]) -> set[str]:
+def stage_components(role: str, family: Family, components: Mapping[str, object]) -> set[str]:
     """The component names `role` loads out of a pipeline's components."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-    roles = _ROLE_COMPONENTS if role == "monolithic" else {role: _ROLE_COMPONENTS[role]}
+    groups = family.components
+    roles = groups if role == "monolithic" else {role: groups[role]}
     prefixes = tuple(p for group in roles.values() for p in group)
     return {
         c for c in components if c in prefixes or c.startswith(tuple(p + "_" for p in prefixes))
@@ -107,30 +86,30 @@ def load_stage(
     dtype: str | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
+    family: str | None = None,
 ) -> StageModel:
-    """Load only `role`'s components of `source` onto `device`."""
+    """Load only `role`'s components of `source` onto `device`.
+
+    `family` (None or "auto": read model_index.json) is checked against the model.
+    """
     import diffusers
-    from diffusers.image_processor import VaeImageProcessor
 
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     torch_dtype = resolve_dtype(device, dtype)
-    info = describe_model(source, cache_dir=cache_dir)
+    info = describe_model(source, cache_dir=cache_dir, family=family)
+    spec = info.family_spec
     components = read_components(info.path)
-    keep = stage_components(role, components)
+    keep = stage_components(role, spec, components)
+    # Components a stage does not run are never read from disk.
     skip: dict[str, Any] = {c: None for c in components if c not in keep}
-    if info.pipeline_class == "StableDiffusionPipeline":
-        skip["requires_safety_checker"] = False  # we never load the checker
     with quiet_progress():
         pipe = getattr(diffusers, info.pipeline_class).from_pretrained(
-            info.path, dtype=torch_dtype, **skip
+            info.path, dtype=torch_dtype, **skip, **spec.load_overrides()
         )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    if pipe.vae is None:
-        # The pipelines fall back to 8 when no VAE is loaded; use the real factor.
-        pipe.vae_scale_factor = info.vae_scale_factor
-        pipe.image_processor = VaeImageProcessor(vae_scale_factor=info.vae_scale_factor)
+    spec.prepare(pipe, role, info.sizes)
     return StageModel(role, info, pipe, torch.device(device), torch_dtype)
 
 
@@ -149,6 +128,7 @@ class StageModel:
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
+        self.family = info.family_spec
         self._lock = threading.Lock()
 
     def input_names(self, params: GenerationParams) -> tuple[str, ...]:
@@ -157,89 +137,41 @@ class StageModel:
     def output_names(self, params: GenerationParams) -> tuple[str, ...]:
         return output_names(self.role, self.info.family, params)
 
+    def latent_shape(self, params: GenerationParams) -> tuple[int | None, ...]:
+        """The latents this model's denoiser sends its decoder for `params`."""
+        return self.family.latent_shape(self.pipe, self.info.sizes, params)
+
     def run(
         self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         self._check_params(params)
-        expected = self._expected_shapes(params)
+        expected = self._expected_inputs(params)
         _check_names(inputs, expected)
+        tensors = {name: _check_tensor(name, inputs[name], spec) for name, spec in expected.items()}
+        problem = self.family.check_embeddings(tensors) if self.role == "denoiser" else None
+        if problem is not None:
+            raise StageInputError(problem)
         tensors = {
-            name: _check_tensor(name, inputs[name], shape) for name, shape in expected.items()
+            name: t.to(self.device, self.dtype if expected[name].floating else t.dtype)
+            for name, t in tensors.items()
         }
-        for name, tensor in tensors.items():
-            # The pipelines concatenate negative and positive embeddings.
-            positive = tensors.get(name.replace("negative_", ""))
-            if positive is not None and tensor.shape != positive.shape:
-                raise StageInputError(
-                    f"input {name} has shape {tuple(tensor.shape)}; expected the shape of "
-                    f"{name.replace('negative_', '')} {tuple(positive.shape)}"
-                )
-        tensors = {name: t.to(self.device, self.dtype) for name, t in tensors.items()}
         with self._lock, torch.inference_mode():
             if self.role == "encoder":
-                return self._encode(params)
+                return self.family.encode(self.pipe, params, self.device)
             if self.role == "denoiser":
-                return self._denoise(params, tensors)
+                latents = self.family.denoise(self.pipe, params, tensors, self._generator(params))
+                return {LATENTS: latents}
             if self.role == "decoder":
-                return {IMAGES: self._decode(tensors[LATENTS])}
+                images = self.family.decode(self.pipe, self.info.sizes, params, tensors[LATENTS])
+                return {IMAGES: _to_uint8(images)}
             return {IMAGES: self._monolithic(params)}
-
-    # --- the four roles ---------------------------------------------------
-
-    def _encode(self, params: GenerationParams) -> dict[str, torch.Tensor]:
-        cfg = uses_cfg(params)
-        common: dict[str, Any] = {
-            "device": self.device,
-            "num_images_per_prompt": params.num_images,
-            "do_classifier_free_guidance": cfg,
-            "negative_prompt": params.negative_prompt or None,
-        }
-        if self.info.family == "unet":
-            embeds = self.pipe.encode_prompt(params.prompt, **common)
-        else:
-            embeds = self.pipe.encode_prompt(
-                prompt=params.prompt, prompt_2=None, prompt_3=None, **common
-            )
-        # Both return (prompt, negative[, pooled, negative_pooled]); negatives are None without CFG.
-        out = dict(zip(_ENCODE_ORDER, embeds, strict=False))
-        return {name: out[name] for name in embedding_names(self.info.family, cfg)}
-
-    def _denoise(
-        self, params: GenerationParams, embeds: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        # Embeddings are already repeated per image, so the pipeline sees a
-        # batch of num_images prompts with one image each: same latent shape
-        # and the same per-image randn draws as the monolithic call.
-        latents = self.pipe(
-            **embeds,
-            height=params.height,
-            width=params.width,
-            num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
-            num_images_per_prompt=1,
-            generator=self._generator(params),
-            output_type="latent",
-            return_dict=False,
-        )[0]
-        return {LATENTS: latents}
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        # Exactly the pipelines' post-loop code.
-        vae = self.pipe.vae
-        latents = latents / vae.config.scaling_factor
-        if self.info.family == "mmdit":
-            latents = latents + vae.config.shift_factor
-        image = vae.decode(latents, return_dict=False)[0]
-        return _to_uint8(self.pipe.image_processor.postprocess(image, output_type="np"))
 
     def _monolithic(self, params: GenerationParams) -> torch.Tensor:
         images = self.pipe(
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt or None,
+            **self.family.prompt_kwargs(params),
             height=params.height,
             width=params.width,
             num_inference_steps=params.num_inference_steps,
-            guidance_scale=params.guidance_scale,
             num_images_per_prompt=params.num_images,
             generator=self._generator(params),
             output_type="np",
@@ -276,26 +208,17 @@ class StageModel:
             raise StageInputError(f"seed={params.seed!r} must be in 0..2**64-1")
         if not isinstance(params.prompt, str) or not isinstance(params.negative_prompt, str):
             raise StageInputError("prompt and negative_prompt must be strings")
+        problem = self.family.check_params(params)
+        if problem is not None:
+            raise StageInputError(problem)
 
-    def _expected_shapes(self, params: GenerationParams) -> dict[str, tuple[int | None, ...]]:
-        """Input name -> shape, None where any size is fine (sequence length)."""
-        n = params.num_images
+    def _expected_inputs(self, params: GenerationParams) -> dict[str, TensorSpec]:
+        """Input name -> what this stage accepts for the request."""
         if self.role == "decoder":
-            scale = self.info.vae_scale_factor
-            channels = self.pipe.vae.config.latent_channels
-            return {LATENTS: (n, channels, params.height // scale, params.width // scale)}
+            return {LATENTS: TensorSpec(self.latent_shape(params))}
         if self.role != "denoiser":
             return {}
-        dims: dict[str, tuple[int | None, ...]]
-        if self.info.family == "unet":
-            dims = {"prompt_embeds": (n, None, self.pipe.unet.config.cross_attention_dim)}
-        else:
-            config = self.pipe.transformer.config
-            dims = {
-                "prompt_embeds": (n, None, config.joint_attention_dim),
-                "pooled_prompt_embeds": (n, config.pooled_projection_dim),
-            }
-        return {name: dims[name.replace("negative_", "")] for name in self.input_names(params)}
+        return self.family.embedding_specs(self.pipe, params)
 
 
 def _check_names(inputs: Mapping[str, object], expected: Mapping[str, object]) -> None:
@@ -307,11 +230,13 @@ def _check_names(inputs: Mapping[str, object], expected: Mapping[str, object]) -
         raise StageInputError(f"unexpected input tensor(s): {', '.join(extra)}")
 
 
-def _check_tensor(name: str, tensor: object, shape: tuple[int | None, ...]) -> torch.Tensor:
+def _check_tensor(name: str, tensor: object, spec: TensorSpec) -> torch.Tensor:
+    shape = spec.shape
     if not isinstance(tensor, torch.Tensor):
         raise StageInputError(f"input {name} is a {type(tensor).__name__}, not a tensor")
-    if not tensor.is_floating_point():
-        raise StageInputError(f"input {name} has dtype {tensor.dtype}; expected floating point")
+    if tensor.is_floating_point() != spec.floating or tensor.is_complex():
+        kind = "floating point" if spec.floating else "an integer or bool mask"
+        raise StageInputError(f"input {name} has dtype {tensor.dtype}; expected {kind}")
     got = tuple(tensor.shape)
     if len(got) != len(shape) or any(
         e is not None and e != g for e, g in zip(shape, got, strict=True)

@@ -40,6 +40,7 @@ class WorkerOptions:
     pipeline: str = "local"
     device: str = "cpu"
     dtype: str | None = None
+    family: str = "auto"
     queue_capacity: int = 2
     overlap: bool = True
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
@@ -47,11 +48,13 @@ class WorkerOptions:
     drain_timeout_s: float = 120.0
 
 
-def make_compute(role: WorkerRole, model: str, device: str, dtype: str | None) -> ComputeFn:
+def make_compute(
+    role: WorkerRole, model: str, device: str, dtype: str | None, family: str = "auto"
+) -> ComputeFn:
     """Load the stage's model; the last hop also encodes its images as PNG."""
     from disagfusion.worker.models import images_to_png, load_stage
 
-    stage = load_stage(role, model, device=device, dtype=dtype)
+    stage = load_stage(role, model, device=device, dtype=dtype, family=family)
     if role not in ("decoder", "monolithic"):
         return stage.run
 
@@ -100,7 +103,7 @@ async def run_worker(
     runner = await start_site(app, opts.host, opts.http_port)
     runtime.start()
     factory = compute_factory or (
-        lambda: make_compute(opts.role, opts.model, opts.device, opts.dtype)
+        lambda: make_compute(opts.role, opts.model, opts.device, opts.dtype, opts.family)
     )
     loading = asyncio.create_task(runtime.load(factory))
     signalled = asyncio.create_task(wait_for_signal())

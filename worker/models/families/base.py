@@ -1,0 +1,187 @@
+"""What every family module describes, and the behaviour most families share.
+
+A family knows one diffusers pipeline class: which components each stage
+loads, what the encoder sends the denoiser, how the denoiser drives the
+pipeline's own loop to latents, and how the decoder turns latents into
+pixels exactly as the pipeline's post-loop code does. The stage code
+(`stages.py`), the gateway, the profiler and the launcher only ask.
+
+The describing half (size rules, defaults) reads JSON configs and must stay
+torch-free, since the gateway imports it; the running half imports torch
+inside its methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from disagfusion.worker.params import GenerationParams
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# Reads `<component>/config.json` of the checkpoint being described.
+ConfigReader = Callable[[str], Mapping[str, Any]]
+Shape = tuple[int | None, ...]  # None: any size (a sequence length)
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    vae_scale_factor: int
+    size_multiple: int  # width and height must be multiples of this (pixels)
+    default_size: tuple[int, int]  # (width, height)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An input tensor a stage accepts: its shape and whether it is floating point
+    (cast to the stage's dtype) or an integer mask (kept as it is)."""
+
+    shape: Shape
+    floating: bool = True
+
+
+class Family:
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    # Component names (or name prefixes: text_encoder covers text_encoder_2)
+    # each stage loads. Anything else in model_index.json is never loaded.
+    components: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "encoder": ("text_encoder", "tokenizer"),
+        "denoiser": ("transformer", "scheduler"),
+        "decoder": ("vae",),
+    }
+    # The pipeline's own __call__ defaults: (steps, guidance).
+    defaults: ClassVar[tuple[int, float]]
+    # Whether a request may carry a negative prompt.
+    negative_prompt: ClassVar[bool] = True
+    # Embeddings the encoder sends, without and with guidance; negatives are
+    # the names prefixed with "negative_".
+    embeddings: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+
+    # --- described from JSON configs (torch-free) -------------------------
+
+    def size_rules(self, config: ConfigReader) -> SizeRules:
+        raise NotImplementedError
+
+    def serving_defaults(self, config: ConfigReader) -> tuple[int, float]:
+        return self.defaults
+
+    # --- guidance and tensor names ----------------------------------------
+
+    def uses_cfg(self, params: GenerationParams) -> bool:
+        """Classifier-free guidance, as the pipelines decide it (guidance_scale > 1)."""
+        return params.guidance_scale > 1
+
+    def embedding_names(self, params: GenerationParams) -> tuple[str, ...]:
+        """Tensors the encoder sends to the denoiser for this request."""
+        names = list(self.embeddings)
+        if self.uses_cfg(params):
+            names += ["negative_" + n for n in self.embeddings]
+        return tuple(names)
+
+    def check_params(self, params: GenerationParams) -> str | None:
+        """A problem with the request this family cannot serve, or None."""
+        if params.negative_prompt and not self.negative_prompt:
+            return f"{self.name} models take no negative_prompt"
+        return None
+
+    # --- loading -----------------------------------------------------------
+
+    def load_overrides(self) -> dict[str, Any]:
+        """Extra keyword arguments for the pipeline's from_pretrained."""
+        return {}
+
+    def prepare(self, pipe: Any, role: str, sizes: SizeRules) -> None:
+        """Fix what loading a subset of the components leaves wrong."""
+        if getattr(pipe, "vae", None) is None:
+            # The pipelines fall back to 8 when no VAE is loaded; use the real factor.
+            pipe.vae_scale_factor = sizes.vae_scale_factor
+
+    # --- the three stages --------------------------------------------------
+
+    def encode(
+        self, pipe: Any, params: GenerationParams, device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def embedding_specs(self, pipe: Any, params: GenerationParams) -> dict[str, TensorSpec]:
+        """Name -> what the denoiser accepts, for this request."""
+        raise NotImplementedError
+
+    def check_embeddings(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
+        """A cross-tensor problem, or None. The pipelines concatenate negative and
+        positive embeddings under CFG, so by default their shapes must match."""
+        for name, tensor in tensors.items():
+            positive = tensors.get(name.replace("negative_", ""))
+            if positive is not None and tensor.shape != positive.shape:
+                return (
+                    f"input {name} has shape {tuple(tensor.shape)}; expected the shape of "
+                    f"{name.replace('negative_', '')} {tuple(positive.shape)}"
+                )
+        return None
+
+    def denoise(
+        self,
+        pipe: Any,
+        params: GenerationParams,
+        embeds: Mapping[str, torch.Tensor],
+        generator: Any,
+    ) -> torch.Tensor:
+        # Embeddings are already repeated per image, so the pipeline sees a
+        # batch of num_images prompts with one image each: same latent shape
+        # and the same per-image randn draws as the monolithic call.
+        return pipe(
+            **embeds,
+            **self.guidance_kwargs(params),
+            height=params.height,
+            width=params.width,
+            num_inference_steps=params.num_inference_steps,
+            num_images_per_prompt=1,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
+        )[0]
+
+    def guidance_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        """How the request's guidance_scale reaches the pipeline's __call__."""
+        return {"guidance_scale": params.guidance_scale}
+
+    def latent_shape(self, pipe: Any, sizes: SizeRules, params: GenerationParams) -> Shape:
+        """The latents the denoiser sends the decoder."""
+        scale = sizes.vae_scale_factor
+        channels = pipe.vae.config.latent_channels
+        return (params.num_images, channels, params.height // scale, params.width // scale)
+
+    def decode(
+        self, pipe: Any, sizes: SizeRules, params: GenerationParams, latents: torch.Tensor
+    ) -> np.ndarray:
+        """Latents -> float images in [0, 1], (n, H, W, 3), as the pipeline's post-loop code."""
+        raise NotImplementedError
+
+    def prompt_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        """The prompt arguments of a one-call (monolithic) pipeline run."""
+        return {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt or None,
+            **self.guidance_kwargs(params),
+        }
+
+
+def vae_scale(config: ConfigReader) -> int:
+    """The pipelines' own formula for AutoencoderKL: one halving per block but the last."""
+    return 2 ** (len(config("vae").get("block_out_channels", [0] * 4)) - 1)
+
+
+def sample_size(net: Mapping[str, Any], default: int) -> tuple[int, int]:
+    """(width, height) of a denoiser config's sample_size, in latents."""
+    sample = net.get("sample_size", default)
+    return (sample, sample) if isinstance(sample, int) else (int(sample[1]), int(sample[0]))
+
+
+def encode_order(names: tuple[str, ...], values: Any) -> dict[str, Any]:
+    """encode_prompt's positional results by name."""
+    return dict(zip(names, values, strict=False))
