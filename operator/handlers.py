@@ -53,7 +53,7 @@ from disagfusion.operator.render import (
     render_all,
     stage_name,
 )
-from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, SpecError, parse_spec
+from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, SpecError, parse_spec, spec_warnings
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
@@ -152,6 +152,8 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
         was_invalid = cond.get_condition(old_conditions, cond.INVALID_SPEC)
         if was_invalid is not None and was_invalid.get("status") == "True":
             ctx.kube.event(body, "Normal", "SpecValid", "spec is valid again")
+        for warning in spec_warnings(spec):  # valid, but not what a user may assume
+            ctx.kube.event(body, "Warning", "SpecWarning", warning)
     return "ok"
 
 

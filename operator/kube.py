@@ -49,7 +49,9 @@ def is_subset(desired: Any, live: Any) -> bool:
     """Whether every field of `desired` is in `live` (the server may add defaults)."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            k in live and is_subset(v, live[k]) for k, v in desired.items()
+            # A desired null (a field a merge patch must clear) matches an absent one.
+            (live.get(k) is None) if v is None else (k in live and is_subset(v, live[k]))
+            for k, v in desired.items()
         )
     if isinstance(desired, list):
         return (

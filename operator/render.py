@@ -31,6 +31,10 @@ PRESTOP_SLEEP_S = 5
 DRAIN_TIMEOUT_S = 120
 TERMINATION_GRACE_S = DRAIN_TIMEOUT_S + PRESTOP_SLEEP_S + 15
 RUN_AS_USER = 1000
+# The gateway's job store: the Redis URL's variable (read when there is no --job-store)
+# and the SQLite volume's name.
+JOB_STORE_ENV = "DISAGFUSION_JOB_STORE"
+JOB_VOLUME = "jobs"
 
 
 @dataclass(frozen=True)
@@ -328,6 +332,46 @@ def render_stage(
     return [sts, svc]
 
 
+def _job_store(
+    spec: PipelineSpec,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """The gateway's job store: (env, volumes, mounts, args).
+
+    SQLite: `--data-dir` on a read-write volume, the claim or an emptyDir. Redis: the
+    URL (it may hold a password) from its Secret as DISAGFUSION_JOB_STORE, which the
+    gateway reads when there is no `--job-store`; it never appears in the pod spec.
+    """
+    store = spec.gateway.job_store
+    if store.type == "redis":
+        ref = store.url_secret_ref
+        if ref is None:  # parse_spec refuses such a spec
+            raise ValueError("a redis job store needs its URL's Secret")
+        secret = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+        return [{"name": JOB_STORE_ENV, "valueFrom": secret}], [], [], []
+    source: dict[str, Any] = (
+        {"emptyDir": {}}
+        if store.claim_name is None
+        else {"persistentVolumeClaim": {"claimName": store.claim_name}}
+    )
+    return (
+        [],
+        [{"name": JOB_VOLUME, **source}],
+        [{"name": JOB_VOLUME, "mountPath": store.mount_path}],
+        ["--data-dir", store.mount_path],
+    )
+
+
+def _gateway_strategy(spec: PipelineSpec) -> dict[str, Any]:
+    """Recreate when the SQLite file outlives the pod on a claim: during a rolling update
+    the old and the new pod would write it together. `rollingUpdate: None` removes the
+    server's default from a Deployment that was RollingUpdate (a JSON merge patch
+    keeps it otherwise, and the API server refuses it with Recreate)."""
+    store = spec.gateway.job_store
+    if store.type == "sqlite" and store.claim_name is not None:
+        return {"type": "Recreate", "rollingUpdate": None}
+    return {"type": "RollingUpdate"}
+
+
 def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     gw = spec.gateway
     name = gateway_name(owner.name)
@@ -350,6 +394,10 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     volumes, mounts = _model_volumes(spec)
     volumes.append({"name": "topology", "configMap": {"name": topology_name(owner.name)}})
     mounts.append({"name": "topology", "mountPath": TOPOLOGY_DIR, "readOnly": True})
+    store_env, store_volumes, store_mounts, store_args = _job_store(spec)
+    env += store_env
+    volumes += store_volumes
+    mounts += store_mounts
     args = [
         "gateway",
         "--model",
@@ -370,6 +418,13 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         str(gw.max_queue),
         "--request-timeout",
         f"{gw.request_timeout_seconds:g}",
+    ]
+    args += [
+        *store_args,
+        "--video-retention",
+        str(gw.video_retention_seconds),
+        "--video-timeout",
+        str(gw.video_timeout_seconds),
     ]
     if spec.model.served_name is not None:
         args += ["--served-model-name", spec.model.served_name]
@@ -398,6 +453,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         {
             "spec": {
                 "replicas": gw.replicas,
+                "strategy": _gateway_strategy(spec),
                 "selector": {"matchLabels": selector_labels(owner.name, "gateway")},
                 "template": {
                     "metadata": {

@@ -26,7 +26,7 @@ MAX_SERVED_NAME = 128
 # spec.model.family: a model family (`disagfusion worker/gateway --family NAME`), or auto:
 # no flag, the worker reads model_index.json. The CRD's enum and the worker's family
 # registry name the same families (tests/operator/test_examples.py, the worker tests).
-FAMILIES = ("auto", "unet", "sd3", "flux", "sdxl", "qwen-image")
+FAMILIES = ("auto", "unet", "sd3", "flux", "sdxl", "qwen-image", "wan", "wan-i2v")
 # Deprecated family names still accepted (pipelines applied with them keep reconciling),
 # and the family each means now.
 FAMILY_ALIASES = {"mmdit": "sd3"}
@@ -34,6 +34,24 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 TRANSPORTS = ("grpc",)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 DEFAULT_QUEUE_CAPACITY = 2
+# The families whose gateway serves the Videos API (durable jobs in a job store).
+VIDEO_FAMILIES = ("wan", "wan-i2v")
+# spec.gateway.jobStore: SQLite files in a directory (`--data-dir`) or a Redis the user runs.
+JOB_STORE_TYPES = ("sqlite", "redis")
+DEFAULT_JOB_STORE_MOUNT = "/data"
+DEFAULT_REDIS_URL_KEY = "url"
+# Paths the gateway container already mounts something at (render.py: the writable
+# /tmp and the topology ConfigMap); a job store mounted there would clash.
+GATEWAY_MOUNTED_PATHS = ("/tmp", "/etc/disagfusion")
+# spec.gateway.videoRetentionSeconds / videoTimeoutSeconds (`--video-retention`,
+# `--video-timeout`): the CRD's defaults and minimums, and the gateway CLI's defaults.
+DEFAULT_VIDEO_RETENTION_S = 86400
+MIN_VIDEO_RETENTION_S = 60
+DEFAULT_VIDEO_TIMEOUT_S = 3600
+SQLITE_ONE_REPLICA = (
+    "a SQLite job store serves one gateway replica; use type: redis for several"
+    " (spec.gateway.jobStore.type)"
+)
 
 
 class SpecError(ValueError):
@@ -77,6 +95,27 @@ class SecretKeyRef:
 
 
 @dataclass(frozen=True)
+class JobStoreSpec:
+    """spec.gateway.jobStore: where the Videos API's jobs and finished videos live.
+
+    sqlite: files in `mount_path` (`--data-dir`), on the PersistentVolumeClaim
+    `claim_name` or, without one, an emptyDir that dies with the pod; one gateway
+    replica. redis: the URL comes from the Secret key `url_secret_ref` as the
+    gateway's DISAGFUSION_JOB_STORE, so it never shows in the pod spec.
+    """
+
+    type: str = "sqlite"
+    claim_name: str | None = None
+    mount_path: str = DEFAULT_JOB_STORE_MOUNT
+    url_secret_ref: SecretKeyRef | None = None
+
+    @property
+    def ephemeral(self) -> bool:
+        """Jobs and videos are lost with the gateway pod (SQLite in an emptyDir)."""
+        return self.type == "sqlite" and self.claim_name is None
+
+
+@dataclass(frozen=True)
 class GatewaySpec:
     image: str
     replicas: int = 1
@@ -85,6 +124,9 @@ class GatewaySpec:
     api_key_secret_ref: SecretKeyRef | None = None
     max_queue: int = 32
     request_timeout_seconds: float = 300.0
+    job_store: JobStoreSpec = field(default_factory=JobStoreSpec)
+    video_retention_seconds: int = DEFAULT_VIDEO_RETENTION_S
+    video_timeout_seconds: int = DEFAULT_VIDEO_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -249,17 +291,70 @@ def _stage(r: _Reader, name: str, data: Mapping[str, Any], image: str) -> StageS
     )
 
 
-def _gateway(r: _Reader, spec: Mapping[str, Any], image: str) -> GatewaySpec:
+def _secret_ref(
+    r: _Reader, data: Mapping[str, Any], key: str, path: str, default_key: str
+) -> SecretKeyRef | None:
+    """A {name, key} Secret key reference (None when absent or unusable)."""
+    raw = r.obj(data, key, path)
+    if not raw:
+        return None
+    name = r.str_(raw, "name", f"{path}.name")
+    if name is None:
+        r.problems.append(f"{path}.name: required")
+        return None
+    return SecretKeyRef(name, r.str_(raw, "key", f"{path}.key", default_key) or default_key)
+
+
+def _job_store(
+    r: _Reader, g: Mapping[str, Any], replicas: int, family: str, model_mount: str
+) -> JobStoreSpec:
+    p = "spec.gateway.jobStore"
+    given = g.get("jobStore") is not None
+    j = r.obj(g, "jobStore", p)
+    type_ = r.str_(j, "type", f"{p}.type", "sqlite", JOB_STORE_TYPES) or "sqlite"
+    mount = r.str_(j, "mountPath", f"{p}.mountPath", DEFAULT_JOB_STORE_MOUNT)
+    mount = mount or DEFAULT_JOB_STORE_MOUNT
+    if not mount.startswith("/"):
+        r.problems.append(f"{p}.mountPath: must be an absolute path")
+    claim = None
+    has_pvc = j.get("persistentVolumeClaim") is not None
+    pvc = r.obj(j, "persistentVolumeClaim", f"{p}.persistentVolumeClaim")
+    if has_pvc:
+        claim = r.str_(pvc, "claimName", f"{p}.persistentVolumeClaim.claimName")
+        if claim is None:
+            r.problems.append(f"{p}.persistentVolumeClaim.claimName: required")
+    has_url = j.get("urlSecretRef") is not None
+    url = _secret_ref(r, j, "urlSecretRef", f"{p}.urlSecretRef", DEFAULT_REDIS_URL_KEY)
+    if type_ == "redis":
+        if not j.get("urlSecretRef"):  # absent or {} (a name-less one is reported above)
+            r.problems.append(
+                f"{p}.urlSecretRef: required for type: redis (the Secret key holding"
+                " the redis:// or rediss:// URL)"
+            )
+        if has_pvc:
+            r.problems.append(f"{p}.persistentVolumeClaim: only for type: sqlite")
+        return JobStoreSpec(type="redis", mount_path=mount, url_secret_ref=url)
+    if has_url:
+        r.problems.append(f"{p}.urlSecretRef: only for type: redis")
+    if mount.startswith("/") and mount.rstrip("/") in (
+        *GATEWAY_MOUNTED_PATHS,
+        model_mount.rstrip("/"),
+    ):
+        r.problems.append(
+            f"{p}.mountPath: {mount} is taken (the gateway mounts /tmp, /etc/disagfusion"
+            " and spec.model.mountPath there)"
+        )
+    # SQLite is one file that two pods must never write at once (not even on a shared
+    # volume). Without spec.gateway.jobStore an image pipeline keeps passing: its
+    # gateway runs no jobs; a video family's does.
+    if replicas > 1 and (given or family in VIDEO_FAMILIES):
+        r.problems.append(f"spec.gateway.replicas: {SQLITE_ONE_REPLICA}, got {replicas}")
+    return JobStoreSpec(type="sqlite", claim_name=claim, mount_path=mount)
+
+
+def _gateway(r: _Reader, spec: Mapping[str, Any], image: str, model: ModelSpec) -> GatewaySpec:
     g = r.obj(spec, "gateway", "spec.gateway")
-    ref = None
-    raw_ref = r.obj(g, "apiKeySecretRef", "spec.gateway.apiKeySecretRef")
-    if raw_ref:
-        ref_name = r.str_(raw_ref, "name", "spec.gateway.apiKeySecretRef.name")
-        if ref_name is None:
-            r.problems.append("spec.gateway.apiKeySecretRef.name: required")
-        else:
-            key = r.str_(raw_ref, "key", "spec.gateway.apiKeySecretRef.key", "api-key")
-            ref = SecretKeyRef(ref_name, key or "api-key")
+    ref = _secret_ref(r, g, "apiKeySecretRef", "spec.gateway.apiKeySecretRef", "api-key")
     timeout = g.get("requestTimeoutSeconds", 300)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         r.problems.append("spec.gateway.requestTimeoutSeconds: must be a positive number")
@@ -267,9 +362,10 @@ def _gateway(r: _Reader, spec: Mapping[str, Any], image: str) -> GatewaySpec:
     port = r.int_(g, "port", "spec.gateway.port", 8000, minimum=1)
     if port > 65535:
         r.problems.append("spec.gateway.port: must be <= 65535")
+    replicas = r.int_(g, "replicas", "spec.gateway.replicas", 1, minimum=0)
     return GatewaySpec(
         image=r.str_(g, "image", "spec.gateway.image", image) or image,
-        replicas=r.int_(g, "replicas", "spec.gateway.replicas", 1, minimum=0),
+        replicas=replicas,
         service_type=r.str_(
             g, "serviceType", "spec.gateway.serviceType", "ClusterIP", SERVICE_TYPES
         )
@@ -278,6 +374,21 @@ def _gateway(r: _Reader, spec: Mapping[str, Any], image: str) -> GatewaySpec:
         api_key_secret_ref=ref,
         max_queue=r.int_(g, "maxQueue", "spec.gateway.maxQueue", 32, minimum=1),
         request_timeout_seconds=float(timeout),
+        job_store=_job_store(r, g, replicas, model.family, model.mount_path),
+        video_retention_seconds=r.int_(
+            g,
+            "videoRetentionSeconds",
+            "spec.gateway.videoRetentionSeconds",
+            DEFAULT_VIDEO_RETENTION_S,
+            minimum=MIN_VIDEO_RETENTION_S,
+        ),
+        video_timeout_seconds=r.int_(
+            g,
+            "videoTimeoutSeconds",
+            "spec.gateway.videoTimeoutSeconds",
+            DEFAULT_VIDEO_TIMEOUT_S,
+            minimum=1,
+        ),
     )
 
 
@@ -427,7 +538,7 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
         backend=r.str_(t, "backend", "spec.transport.backend", "grpc", TRANSPORTS) or "grpc",
         options=r.str_map(t, "options", "spec.transport.options"),
     )
-    gateway = _gateway(r, spec, image)
+    gateway = _gateway(r, spec, image, model)
     autoscaling = _autoscaling(r, r.obj(spec, "autoscaling", "spec.autoscaling"), stages)
     if r.problems:
         raise SpecError(r.problems)
@@ -439,6 +550,17 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
         gateway=gateway,
         autoscaling=autoscaling,
     )
+
+
+def spec_warnings(spec: PipelineSpec) -> list[str]:
+    """What a valid spec risks, for the pipeline's status or a Warning Event."""
+    out = []
+    if spec.model.family in VIDEO_FAMILIES and spec.gateway.job_store.ephemeral:
+        out.append(
+            "spec.gateway.jobStore: no persistentVolumeClaim, so the video jobs and finished"
+            " videos live in an emptyDir and do not survive the gateway pod"
+        )
+    return out
 
 
 def validate_spec(spec: Mapping[str, Any] | None) -> list[str]:

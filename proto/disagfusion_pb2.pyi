@@ -15,7 +15,7 @@ TENSOR_LOCATION_UNSPECIFIED: TensorLocation
 INLINE: TensorLocation
 
 class GenerationParams(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images", "num_frames", "fps", "keep_frames")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,9 @@ class GenerationParams(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FRAMES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -32,7 +35,10 @@ class GenerationParams(_message.Message):
     guidance_scale: float
     seed: int
     num_images: int
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ...) -> None: ...
+    num_frames: int
+    fps: int
+    keep_frames: bool
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., keep_frames: _Optional[bool] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
     __slots__ = ("name", "shape", "dtype", "nbytes", "location")
@@ -133,6 +139,24 @@ class HealthReply(_message.Message):
     service_time_ewma_s: float
     completed_total: int
     def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., service_time_ewma_s: _Optional[float] = ..., completed_total: _Optional[int] = ...) -> None: ...
+
+class ProgressReport(_message.Message):
+    __slots__ = ("request_id", "stage", "step", "total")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    stage: str
+    step: int
+    total: int
+    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[str] = ..., step: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ProgressReply(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "n", "size", "seed", "num_inference_steps", "guidance_scale", "model")

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class StageStub:
     """Every stage worker serves this; the gateway serves it too, to receive
-    terminal results from the last stage.
+    terminal results from the last stage (and progress; workers leave Progress
+    unimplemented).
     """
 
     def __init__(self, channel):
@@ -46,11 +47,17 @@ class StageStub:
                 request_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.HealthRequest.SerializeToString,
                 response_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Progress = channel.unary_unary(
+                '/disagfusion.v1.Stage/Progress',
+                request_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.SerializeToString,
+                response_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
     """Every stage worker serves this; the gateway serves it too, to receive
-    terminal results from the last stage.
+    terminal results from the last stage (and progress; workers leave Progress
+    unimplemented).
     """
 
     def Submit(self, request_iterator, context):
@@ -60,6 +67,12 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Health(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Progress(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -78,6 +91,11 @@ def add_StageServicer_to_server(servicer, server):
                     request_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.HealthRequest.FromString,
                     response_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.HealthReply.SerializeToString,
             ),
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.FromString,
+                    response_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'disagfusion.v1.Stage', rpc_method_handlers)
@@ -88,7 +106,8 @@ def add_StageServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Stage:
     """Every stage worker serves this; the gateway serves it too, to receive
-    terminal results from the last stage.
+    terminal results from the last stage (and progress; workers leave Progress
+    unimplemented).
     """
 
     @staticmethod
@@ -135,6 +154,33 @@ class Stage:
             '/disagfusion.v1.Stage/Health',
             disagfusion_dot_proto_dot_disagfusion__pb2.HealthRequest.SerializeToString,
             disagfusion_dot_proto_dot_disagfusion__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagfusion.v1.Stage/Progress',
+            disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.SerializeToString,
+            disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,11 @@ ROLES: tuple[WorkerRole, ...] = ("encoder", "denoiser", "decoder", "monolithic")
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """One validated image-generation request (batch = num_images)."""
+    """One validated generation request (batch = num_images).
+
+    A video has num_frames > 1 (an image is one frame); fps and keep_frames only
+    matter to a video decoder: the MP4's frame rate, and whether the lossless
+    frames travel beside it."""
 
     prompt: str
     negative_prompt: str = ""
@@ -27,6 +31,9 @@ class GenerationParams:
     guidance_scale: float = 7.5
     seed: int = 0
     num_images: int = 1
+    num_frames: int = 1
+    fps: int = 16
+    keep_frames: bool = False
 
     def image_seeds(self) -> list[int]:
         """The seed of each image: image i alone is reproduced by n=1 with seed + i

@@ -143,6 +143,28 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_job_store_args(p: argparse.ArgumentParser) -> None:
+    """Where a video model's jobs live (the Videos API)."""
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="video models: the SQLite job store's folder, finished videos included"
+        " (default: jobs/ beside the model cache)",
+    )
+    p.add_argument(
+        "--job-store",
+        default=None,
+        help="video models: sqlite:///FOLDER or redis://[:PASSWORD@]HOST:PORT/DB, shared by"
+        " several gateways (default: $DISAGFUSION_JOB_STORE, then SQLite in --data-dir)",
+    )
+    p.add_argument(
+        "--video-retention",
+        type=positive_float,
+        default=86400.0,
+        help="seconds a finished video stays downloadable before it is deleted",
+    )
+
+
 def add_served_name(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--served-model-name",

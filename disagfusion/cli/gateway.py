@@ -13,6 +13,7 @@ from typing import Any
 from disagfusion.cli.common import (
     HELP,
     add_handoff_args,
+    add_job_store_args,
     add_model_args,
     add_served_name,
     handoff_delay,
@@ -69,6 +70,13 @@ def register(sub: Any) -> None:
         default=60.0,
         help="on SIGTERM: seconds to finish accepted requests before answering them 503",
     )
+    add_job_store_args(g)
+    g.add_argument(
+        "--video-timeout",
+        type=positive_float,
+        default=3600.0,
+        help="seconds a video job may run before it fails",
+    )
     add_handoff_args(g)
     g.set_defaults(func=_cmd_gateway)
 
@@ -101,6 +109,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 handoff_delay=handoff_delay(args),
                 served_model_name=args.served_model_name,
                 drain_timeout_s=args.drain_timeout,
+                data_dir=args.data_dir or "",
+                job_store=args.job_store or "",
+                video_retention_s=args.video_retention,
+                video_timeout_s=args.video_timeout,
             )
         )
     )

@@ -1,4 +1,5 @@
-"""`disagfusion generate`: images through a server, or the in-process baseline."""
+"""`disagfusion generate`: images (or, with --video, a video) through a server, or the
+in-process baseline."""
 
 from __future__ import annotations
 
@@ -18,15 +19,18 @@ from disagfusion.cli.common import (
 def register(sub: Any) -> None:
     """Add `generate` to the `disagfusion` parser."""
     gen = sub.add_parser(
-        "generate", help="generate images through a server, or in-process", formatter_class=HELP
+        "generate",
+        help="generate images (or --video) through a server, or in-process",
+        formatter_class=HELP,
     )
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument(
         "-o",
         "--output",
         type=Path,
-        default=Path("out.png"),
-        help="PNG to write (with -n > 1: NAME-0.png, NAME-1.png, ...)",
+        default=None,
+        help="file to write (default out.png, with --video out.mp4; with -n > 1:"
+        " NAME-0.png, NAME-1.png, ...)",
     )
     gen.add_argument(
         "--url",
@@ -59,11 +63,85 @@ def register(sub: Any) -> None:
         help="model id to ask the server for; with --in-process the model to load"
         f" (default {DEFAULT_MODEL})",
     )
+    gen.add_argument(
+        "--video",
+        action="store_true",
+        help="a video through the Videos API (a job: polled with a progress bar), as MP4",
+    )
+    gen.add_argument(
+        "--frames", type=int, default=None, help="--video: frames (default: the model's)"
+    )
+    gen.add_argument("--fps", type=int, default=None, help="--video: frame rate (default: 16)")
+    gen.add_argument(
+        "--image", type=Path, default=None, help="--video: the reference image (image-to-video)"
+    )
     gen.set_defaults(func=_cmd_generate)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    return (
+        args.api_key
+        or os.environ.get("DISAGFUSION_API_KEY")
+        or os.environ.get("OPENAI_API_KEY")
+        or None
+    )
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from disagfusion.worker.gateway.video_client import (
+        generate_video_in_process,
+        generate_video_remote,
+        progress_bar,
+    )
+
+    output = args.output or Path("out.mp4")
+    problem = _unwritable(output)
+    if args.image is not None and not args.image.is_file():
+        problem = f"--image {args.image}: no such file"
+    elif args.n != 1:
+        problem = "--video makes one video: drop -n"
+    if problem:
+        print(
+            f"error: {problem if problem.startswith('-') else f'-o {output}: {problem}'}",
+            file=sys.stderr,
+        )
+        return 2
+    fields = {"prompt": args.prompt}
+    for key, value in (
+        ("seed", args.seed),
+        ("num_inference_steps", args.steps),
+        ("size", args.size),
+        ("guidance_scale", args.guidance),
+        ("negative_prompt", args.negative_prompt),
+        ("num_frames", args.frames),
+        ("fps", args.fps),
+    ):
+        if value is not None:
+            fields[key] = str(value)
+    if args.in_process:
+        require_extra("worker")
+        mp4 = generate_video_in_process(args.model or DEFAULT_MODEL, fields, args.image)
+    else:
+        if args.model:
+            fields["model"] = args.model
+        mp4 = generate_video_remote(
+            args.url, fields, args.image, api_key=_api_key(args), progress=progress_bar()
+        )
+    output.write_bytes(mp4)
+    print(output)
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from disagfusion.worker.gateway.client import generate_in_process, generate_remote
+
+    if args.video:
+        return _cmd_video(args)
+    for flag in ("frames", "fps", "image"):
+        if getattr(args, flag) is not None:
+            print(f"error: --{flag} needs --video", file=sys.stderr)
+            return 2
+    args.output = args.output or Path("out.png")
 
     body: dict[str, object] = {"prompt": args.prompt, "n": args.n}
     for key, value in (
@@ -85,13 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         if args.model:
             body["model"] = args.model
-        api_key = (
-            args.api_key
-            or os.environ.get("DISAGFUSION_API_KEY")
-            or os.environ.get("OPENAI_API_KEY")
-            or None
-        )
-        pngs = generate_remote(args.url, body, api_key=api_key)
+        pngs = generate_remote(args.url, body, api_key=_api_key(args))
     for path in _output_paths(args.output, len(pngs)):
         path.write_bytes(pngs.pop(0))
         print(path)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 from disagfusion.cli.common import (
     HELP,
     add_handoff_args,
+    add_job_store_args,
     add_model_args,
     add_served_name,
     non_negative_float,
@@ -38,6 +39,7 @@ def register(sub: Any) -> None:
     )
     add_model_args(s)
     add_served_name(s)
+    add_job_store_args(s)
     s.add_argument("--port", type=port, default=8000, help="the gateway's HTTP port")
     s.add_argument("--encoders", type=positive_int, default=1, help="encoder processes")
     s.add_argument("--denoisers", type=positive_int, default=1, help="denoiser processes")
@@ -104,6 +106,15 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_cmd_serve)
 
 
+def _job_store_args(args: argparse.Namespace) -> list[str]:
+    out = ["--video-retention", str(args.video_retention)]
+    if args.data_dir:
+        out += ["--data-dir", str(Path(args.data_dir).resolve())]
+    if args.job_store:
+        out += ["--job-store", args.job_store]
+    return out
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     require_extra("worker")
     from disagfusion.worker.local.launcher import (
@@ -140,6 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_workers=args.max_workers if args.autoscale else 0,
             shutdown_drain_s=args.drain_timeout,
             served_model_name=args.served_model_name,
+            gateway_args=_job_store_args(args),
         ),
         report=_log_line,
     )
@@ -179,7 +191,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f" ({_instance_counts(cluster.workers)}) at {cluster.url}",
             flush=True,
         )
-        print("try:\n  " + "\n  ".join(example_commands(cluster.url, size)), flush=True)
+        print(
+            "try:\n  " + "\n  ".join(example_commands(cluster.url, size, info.is_video)), flush=True
+        )
         if scaler is not None:
             print(
                 f"autoscaling up to {args.max_workers} workers every"

@@ -8,6 +8,7 @@ as the API server does.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,119 @@ def test_autoscaling_profile_rule_agrees(obj: dict[str, Any]) -> None:
         if p.startswith("spec.autoscaling")
     ]
     assert bool(cel_failures) == bool(problems), (obj, cel_failures, problems)
+
+
+# The gateway's job store: its own rules and the spec-level one on gateway replicas.
+
+
+@functools.cache
+def spec_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    return dict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"])
+
+
+def defaulted(schema: dict[str, Any], obj: Any) -> Any:
+    """`obj` with the schema's defaults filled in at every level, as the API server does."""
+    if not isinstance(obj, dict) or "properties" not in schema:
+        return obj
+    out = dict(obj)
+    for key, prop in schema["properties"].items():
+        if key not in out and "default" in prop:
+            out[key] = prop["default"]
+        if key in out:
+            out[key] = defaulted(prop, out[key])
+    return out
+
+
+@functools.cache
+def cel_program(rule: str) -> Any:
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def broken_rules(schema: dict[str, Any], obj: Any) -> list[str]:
+    """Messages of every rule, at any depth, that the defaulted `obj` breaks."""
+    failed = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = cel_program(rule["rule"])
+        if not program.evaluate({"self": celpy.json_to_cel(obj)}):
+            failed.append(rule["message"])
+    if isinstance(obj, dict):
+        for key, prop in (schema.get("properties") or {}).items():
+            if key in obj:
+                failed += broken_rules(prop, obj[key])
+    return failed
+
+
+JOB_STORES: list[dict[str, Any] | None] = [
+    None,
+    {},
+    {"type": "sqlite"},
+    {"type": "sqlite", "persistentVolumeClaim": {"claimName": "jobs"}},
+    {"type": "sqlite", "urlSecretRef": {"name": "r"}},
+    {"type": "redis"},
+    {"type": "redis", "urlSecretRef": {"name": "r"}},
+    {"type": "redis", "urlSecretRef": {"name": "r", "key": "dsn"}, "mountPath": "/data"},
+    {"type": "redis", "urlSecretRef": {"name": "r"}, "persistentVolumeClaim": {"claimName": "j"}},
+    {"urlSecretRef": {"name": "r"}},
+]
+
+
+def job_store_specs() -> list[dict[str, Any]]:
+    out = []
+    for family, replicas, store in itertools.product(
+        (None, "sd3", "wan", "wan-i2v"), (None, 0, 1, 2), JOB_STORES
+    ):
+        model: dict[str, Any] = {"source": "org/m"}
+        if family is not None:
+            model["family"] = family
+        gateway: dict[str, Any] = {}
+        if replicas is not None:
+            gateway["replicas"] = replicas
+        if store is not None:
+            gateway["jobStore"] = store
+        out.append({"model": model, "gateway": gateway})
+    return out
+
+
+def test_the_job_store_rules_exist() -> None:
+    schema = spec_schema()
+    store = schema["properties"]["gateway"]["properties"]["jobStore"]
+    assert {r["message"] for r in store["x-kubernetes-validations"]} == {
+        "type redis needs urlSecretRef",
+        "urlSecretRef is only for type redis",
+        "persistentVolumeClaim is only for type sqlite",
+    }
+    (replicas,) = schema["x-kubernetes-validations"]
+    assert "a SQLite job store serves one gateway replica" in replicas["message"]
+
+
+@pytest.mark.parametrize("obj", job_store_specs(), ids=str)
+def test_operator_rejects_exactly_the_job_stores_the_cel_rules_reject(obj: dict[str, Any]) -> None:
+    schema = spec_schema()
+    cel_failures = broken_rules(schema, defaulted(schema, obj))
+    problems = validate_spec(obj)
+    assert all(p.startswith("spec.gateway.") for p in problems), problems
+    assert bool(cel_failures) == bool(problems), (obj, cel_failures, problems)
+    # The replica rule says the same in both places.
+    (replica_rule,) = schema["x-kubernetes-validations"]
+    in_cel = replica_rule["message"] in cel_failures
+    assert in_cel == any(replica_rule["message"] in p for p in problems), (cel_failures, problems)
+
+
+def test_the_replica_rule_holds_for_the_expected_cases() -> None:
+    """The agreement above could hold with both sides wrong: pin the verdicts down."""
+    schema = spec_schema()
+
+    def refused(obj: dict[str, Any]) -> bool:
+        return bool(broken_rules(schema, defaulted(schema, obj)))
+
+    wan = {"source": "org/m", "family": "wan"}
+    redis = {"type": "redis", "urlSecretRef": {"name": "r"}}
+    assert refused({"model": wan, "gateway": {"replicas": 2}})
+    assert refused({"model": wan, "gateway": {"replicas": 2, "jobStore": {}}})
+    assert not refused({"model": wan, "gateway": {"replicas": 2, "jobStore": redis}})
+    assert not refused({"model": wan, "gateway": {"replicas": 1}})
+    assert not refused({"model": {"source": "org/m"}, "gateway": {"replicas": 2}})
+    assert refused({"model": {"source": "org/m"}, "gateway": {"replicas": 2, "jobStore": {}}})
+    assert refused({"model": wan, "gateway": {"jobStore": {"type": "redis"}}})

@@ -10,6 +10,7 @@ into the StatefulSets it describes.
 
 from __future__ import annotations
 
+import ast
 import copy
 import re
 from pathlib import Path
@@ -26,7 +27,10 @@ from disagfusion.operator.spec import (
     FAMILIES,
     FAMILY_ALIASES,
     MAX_SERVED_NAME,
+    JobStoreSpec,
+    SecretKeyRef,
     parse_spec,
+    spec_warnings,
     validate_spec,
 )
 
@@ -119,6 +123,8 @@ def test_the_examples_exist() -> None:
         "sd3-gpu.yaml",
         "flux-gpu.yaml",
         "qwen-image-gpu.yaml",
+        "wan22-t2v-gpu.yaml",
+        "wan22-i2v-gpu.yaml",
     } <= {p.name for p in EXAMPLES}
 
 
@@ -276,6 +282,8 @@ GPU_EXAMPLES = [
         (1, 6, 1),
         ("NVIDIA-L40S", "NVIDIA-H100-80GB-HBM3", "NVIDIA-L4"),
     ),
+    ("wan22-t2v-gpu.yaml", "wan", (1, 8, 1), ("NVIDIA-L4", "NVIDIA-H200", "NVIDIA-L40S")),
+    ("wan22-i2v-gpu.yaml", "wan-i2v", (1, 4, 1), ("NVIDIA-L4", "NVIDIA-H200", "NVIDIA-L40S")),
 ]
 
 
@@ -300,8 +308,11 @@ def test_gpu_examples_render_their_family_on_gpus_from_a_read_only_pvc(
             None if component == "gateway" else "bfloat16"
         )
         # Every pod, the gateway too (it reads model_index.json), mounts the weights read-only.
-        (volume,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
-        assert volume["persistentVolumeClaim"]["claimName"] == claim
+        (volume,) = [
+            v
+            for v in pod["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+        ]
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
         assert mount == {"name": volume["name"], "mountPath": "/models", "readOnly": True}
         env = {e["name"]: e.get("value") for e in container["env"]}
@@ -340,6 +351,181 @@ def test_qwen_image_gpu_is_sized_by_the_builtin_qwen_image_profile() -> None:
         assert cost.memory_gb < memory[st.node_selector["nvidia.com/gpu.product"]], stage
 
 
+# The Wan2.2 video examples: sized by the Wan2.1-14B profile, each with a job store.
+
+GPU_MEMORY_GB = {"NVIDIA-L4": 24, "NVIDIA-L40S": 48, "NVIDIA-H200": 141}
+
+
+def gateway_deployment(obj: dict[str, Any]) -> dict[str, Any]:
+    (deploy,) = [c.body for c in rendered(obj) if c.kind == "Deployment"]
+    return deploy
+
+
+def videos_call(path: Path) -> dict[str, Any]:
+    """The constant keywords of the Videos API call in an example's Python snippet
+    (the comment lines from "in Python" to the blank-ish "(or ..." line), which must
+    parse, use the served model name and send the reference image for image-to-video."""
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# in Python")) + 1
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("# (or "))
+    code = "\n".join(line.removeprefix("#   ") for line in lines[start:end])
+    (call,) = [
+        node
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "create_and_poll"
+    ]
+    out: dict[str, Any] = {
+        str(k.arg): k.value.value for k in call.keywords if isinstance(k.value, ast.Constant)
+    }
+    spec = pipelines(path)[0]["spec"]
+    assert out.pop("model") == spec["model"]["servedName"]
+    assert out.pop("prompt")
+    refs = [k for k in call.keywords if k.arg == "input_reference"]
+    assert len(refs) == (spec["model"]["family"] == "wan-i2v"), path.name
+    assert "download_content(video.id).write_to_file(" in code
+    return {"model": spec["model"]["servedName"], **out}
+
+
+@pytest.mark.parametrize("name", ["wan22-t2v-gpu.yaml", "wan22-i2v-gpu.yaml"])
+def test_wan22_examples_are_sized_by_the_wan21_profile_and_fit_their_cards(name: str) -> None:
+    spec = parse_spec(example(name)["spec"])
+    auto = spec.autoscaling
+    assert auto.mode == "Advisory"
+    assert auto.profile_name == "builtin:wan2.1-14b-t2v-h100" and auto.profile is not None
+    assert auto.knobs.max_gpus == sum(st.max_replicas for st in spec.stages.values())
+    assert spec.model.served_name is not None
+    products = {s: st.node_selector["nvidia.com/gpu.product"] for s, st in spec.stages.items()}
+    costs = {s: next(iter(auto.profile.stages[s].values())) for s in spec.stages}
+    # Wan2.2 A14B: two experts of Wan2.1-14B's size, both in every denoiser pod, with
+    # room for the activations of 81 frames (more than an 80 GB H100 leaves).
+    assert 2 * costs["denoiser"].memory_gb + 20 < GPU_MEMORY_GB[products["denoiser"]]
+    assert GPU_MEMORY_GB[products["encoder"]] > 11  # UMT5-XXL in bfloat16
+    assert costs["decoder"].memory_gb < GPU_MEMORY_GB[products["decoder"]]
+    # The denoisers are the bottleneck: the light stages stay under half busy
+    # even at the stage's slowest assumed time (8x / 2.5x an H100's).
+    rate = spec.stages["denoiser"].replicas / costs["denoiser"].seconds(
+        auto.profile.default_request
+    )
+    assert rate * 8 * costs["encoder"].seconds(auto.profile.default_request) < 0.5
+    assert rate * 2.5 * costs["decoder"].seconds(auto.profile.default_request) < 0.5
+
+
+def test_wan22_t2v_shares_a_redis_job_store_between_two_gateways() -> None:
+    path = REPO / "examples" / "wan22-t2v-gpu.yaml"
+    obj = example(path.name)
+    spec = parse_spec(obj["spec"])
+    assert spec.model.source == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+    assert spec.model.family == "wan" and spec.model.volume is not None
+    assert spec.model.volume["persistentVolumeClaim"]["claimName"] == "wan-weights"
+    assert spec.gateway.replicas == 2
+    assert spec.gateway.job_store == JobStoreSpec(
+        type="redis", url_secret_ref=SecretKeyRef("wan-jobs-redis", "url")
+    )
+    assert spec_warnings(spec) == []
+    deploy = gateway_deployment(obj)
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate"}
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DISAGFUSION_JOB_STORE"] == {
+        "name": "DISAGFUSION_JOB_STORE",
+        "valueFrom": {"secretKeyRef": {"name": "wan-jobs-redis", "key": "url"}},
+    }
+    args = container["args"]
+    assert flag(args, "--job-store") is None and flag(args, "--data-dir") is None
+    assert not any("redis" in a for a in args)
+    assert flag(args, "--video-retention") == "86400" and flag(args, "--video-timeout") == "3600"
+    lines = comment_lines(path)
+    assert (
+        "kubectl create secret generic wan-jobs-redis"
+        " --from-literal=url=redis://:PASSWORD@redis:6379/0" in lines
+    )
+    assert "kubectl create secret generic wan-t2v-api-key" in path.read_text()
+    assert videos_call(path) == {"model": "wan2.2-t2v-a14b", "size": "832x480", "seconds": "5"}
+
+
+def test_wan22_i2v_keeps_its_jobs_in_sqlite_on_a_claim_behind_one_gateway() -> None:
+    path = REPO / "examples" / "wan22-i2v-gpu.yaml"
+    obj = example(path.name)
+    spec = parse_spec(obj["spec"])
+    assert spec.model.source == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
+    assert spec.model.family == "wan-i2v"
+    assert spec.gateway.replicas == 1
+    assert spec.gateway.job_store == JobStoreSpec(
+        type="sqlite", claim_name="wan-i2v-jobs", mount_path="/data"
+    )
+    assert spec_warnings(spec) == []
+    deploy = gateway_deployment(obj)
+    # The old pod is gone before the new one opens the SQLite file.
+    assert deploy["spec"]["strategy"]["type"] == "Recreate"
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (jobs,) = [
+        v
+        for v in pod["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == "wan-i2v-jobs"
+    ]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == jobs["name"]]
+    assert mount["mountPath"] == "/data" and not mount.get("readOnly")
+    assert flag(container["args"], "--data-dir") == "/data"
+    assert "DISAGFUSION_JOB_STORE" not in {e["name"] for e in container["env"]}
+    assert videos_call(path) == {"model": "wan2.2-i2v-a14b", "size": "832x480", "seconds": "5"}
+    # A second gateway replica would share the file: refused.
+    more = copy.deepcopy(obj)
+    more["spec"]["gateway"]["replicas"] = 2
+    (problem,) = validate_spec(more["spec"])
+    assert problem.startswith("spec.gateway.replicas: a SQLite job store serves one gateway")
+
+
+@pytest.mark.parametrize(
+    ("job_store", "where"),
+    [
+        ({"type": "etcd"}, "spec.gateway.jobStore.type"),
+        ({"type": "redis", "urlSecretRef": {"key": "url"}}, "spec.gateway.jobStore.urlSecretRef"),
+        ({"type": "redis", "urlSecretRef": {"name": ""}}, "spec.gateway.jobStore.urlSecretRef"),
+        ({"persistentVolumeClaim": {}}, "spec.gateway.jobStore.persistentVolumeClaim"),
+        (
+            {"persistentVolumeClaim": {"claimName": ""}},
+            "spec.gateway.jobStore.persistentVolumeClaim",
+        ),
+        ({"mountPath": "data"}, "spec.gateway.jobStore.mountPath"),
+        ({"type": "sqlite", "claimName": "jobs"}, "spec.gateway.jobStore"),
+    ],
+)
+def test_the_schema_and_the_operator_reject_job_store_mistakes(
+    job_store: dict[str, Any], where: str
+) -> None:
+    obj = copy.deepcopy(example("wan22-i2v-gpu.yaml"))
+    obj["spec"]["gateway"]["jobStore"] = job_store
+    found = errors(obj)
+    assert found and all(e.startswith(where) for e in found), found
+    if where != "spec.gateway.jobStore":  # an unknown field: the operator ignores it
+        problems = validate_spec(obj["spec"])
+        assert problems and all(p.startswith(where) for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("videoRetentionSeconds", 60, True),
+        ("videoRetentionSeconds", 59, False),
+        ("videoRetentionSeconds", 3600.5, False),
+        ("videoTimeoutSeconds", 1, True),
+        ("videoTimeoutSeconds", 0, False),
+        ("videoTimeoutSeconds", "1h", False),
+    ],
+)
+def test_the_schema_and_the_operator_agree_on_video_times(key: str, value: Any, ok: bool) -> None:
+    obj = copy.deepcopy(example("wan22-t2v-gpu.yaml"))
+    obj["spec"]["gateway"][key] = value
+    assert (errors(obj) == []) is ok, errors(obj)
+    problems = validate_spec(obj["spec"])
+    assert (problems == []) is ok, problems
+    assert all(p.startswith(f"spec.gateway.{key}: ") for p in problems), problems
+
+
 # Families: the CRD's enum, the operator's FAMILIES and the deprecated names agree.
 
 
@@ -359,7 +545,7 @@ def test_the_crd_and_the_operator_name_the_same_families() -> None:
     assert set(FAMILIES) - {"auto"} == set(enum) - {"auto", "mmdit"}
     assert {"auto", *FAMILY_ALIASES} <= set(enum)
     assert FAMILY_ALIASES == {"mmdit": "sd3"}
-    assert set(FAMILIES) == {"auto", "unet", "sd3", "flux", "sdxl", "qwen-image"}
+    assert set(FAMILIES) == {"auto", "unet", "sd3", "flux", "sdxl", "qwen-image", "wan", "wan-i2v"}
 
 
 def test_the_operator_renders_the_sd3_denoisers_on_gpus() -> None:

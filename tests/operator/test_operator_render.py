@@ -12,11 +12,16 @@ import yaml
 from disagfusion import __version__
 from disagfusion.cli import build_parser
 from disagfusion.operator import conditions as cond
+from disagfusion.operator.context import merge_patch
 from disagfusion.operator.kube import in_sync, is_subset
 from disagfusion.operator.render import (
     GRPC_PORT,
     HASH_ANNOTATION,
     HTTP_PORT,
+    JOB_STORE_ENV,
+    JOB_VOLUME,
+    RUN_AS_USER,
+    TOPOLOGY_DIR,
     Child,
     Owner,
     effective_replicas,
@@ -25,10 +30,19 @@ from disagfusion.operator.render import (
 )
 from disagfusion.operator.spec import (
     DEFAULT_IMAGE,
+    DEFAULT_REDIS_URL_KEY,
+    DEFAULT_VIDEO_RETENTION_S,
+    DEFAULT_VIDEO_TIMEOUT_S,
+    GATEWAY_MOUNTED_PATHS,
+    JOB_STORE_TYPES,
     MAX_SERVED_NAME,
+    MIN_VIDEO_RETENTION_S,
+    JobStoreSpec,
     PipelineSpec,
+    SecretKeyRef,
     SpecError,
     parse_spec,
+    spec_warnings,
     validate_spec,
 )
 
@@ -144,6 +158,50 @@ def test_replicas_alone_widen_max() -> None:
         (spec(image=""), "spec.image"),
         (spec(model={"source": "x", "servedName": ""}), "spec.model.servedName"),
         (spec(model={"source": "x", "servedName": 7}), "spec.model.servedName"),
+        (spec(gateway={"jobStore": {"type": "etcd"}}), "spec.gateway.jobStore.type"),
+        (spec(gateway={"jobStore": {"type": "redis"}}), "spec.gateway.jobStore.urlSecretRef"),
+        (
+            spec(gateway={"jobStore": {"type": "redis", "urlSecretRef": {}}}),
+            "spec.gateway.jobStore.urlSecretRef",
+        ),
+        (
+            spec(gateway={"jobStore": {"type": "redis", "urlSecretRef": {"key": "url"}}}),
+            "spec.gateway.jobStore.urlSecretRef.name",
+        ),
+        (
+            spec(gateway={"jobStore": {"urlSecretRef": {"name": "r"}}}),
+            "spec.gateway.jobStore.urlSecretRef",
+        ),
+        (
+            spec(
+                gateway={
+                    "jobStore": {
+                        "type": "redis",
+                        "urlSecretRef": {"name": "r"},
+                        "persistentVolumeClaim": {"claimName": "jobs"},
+                    }
+                }
+            ),
+            "spec.gateway.jobStore.persistentVolumeClaim",
+        ),
+        (
+            spec(gateway={"jobStore": {"persistentVolumeClaim": {}}}),
+            "spec.gateway.jobStore.persistentVolumeClaim.claimName",
+        ),
+        (spec(gateway={"jobStore": {"mountPath": "data"}}), "spec.gateway.jobStore.mountPath"),
+        (spec(gateway={"jobStore": {"mountPath": "/tmp"}}), "spec.gateway.jobStore.mountPath"),
+        (
+            spec(gateway={"jobStore": {"mountPath": "/etc/disagfusion/"}}),
+            "spec.gateway.jobStore.mountPath",
+        ),
+        (spec(gateway={"jobStore": {"mountPath": "/models"}}), "spec.gateway.jobStore.mountPath"),
+        (spec(gateway={"jobStore": {}, "replicas": 2}), "spec.gateway.replicas"),
+        (
+            spec(model={"source": "x", "family": "wan"}, gateway={"replicas": 3}),
+            "spec.gateway.replicas",
+        ),
+        (spec(gateway={"videoRetentionSeconds": 59}), "spec.gateway.videoRetentionSeconds"),
+        (spec(gateway={"videoTimeoutSeconds": 0}), "spec.gateway.videoTimeoutSeconds"),
         (
             spec(model={"source": "x", "servedName": "m" * (MAX_SERVED_NAME + 1)}),
             "spec.model.servedName",
@@ -274,8 +332,16 @@ def test_a_scale_rewrites_only_the_statefulset() -> None:
 
 
 # Environment variables something in the pod reads: the Hugging Face hub's, the builtin
-# models' cache (worker/models/builtin.py), the gateway's key and its advertised address.
-READ_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "DISAGFUSION_CACHE", "DISAGFUSION_API_KEY", "POD_IP"}
+# models' cache (worker/models/builtin.py), the gateway's key, its Redis job store's URL
+# (worker/gateway/serve.py) and its advertised address.
+READ_ENV = {
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "DISAGFUSION_CACHE",
+    "DISAGFUSION_API_KEY",
+    "DISAGFUSION_JOB_STORE",
+    "POD_IP",
+}
 
 
 def everything_set() -> PipelineSpec:
@@ -289,7 +355,10 @@ def everything_set() -> PipelineSpec:
                 "volume": {"persistentVolumeClaim": {"claimName": "weights"}},
             },
             transport={"backend": "grpc", "options": {"chunk_bytes": "65536"}},
-            gateway={"apiKeySecretRef": {"name": "keys"}},
+            gateway={
+                "apiKeySecretRef": {"name": "keys"},
+                "jobStore": {"type": "redis", "urlSecretRef": {"name": "jobs-redis"}},
+            },
         )
     )
 
@@ -482,6 +551,192 @@ def test_served_name_reaches_the_gateway_only(name: str) -> None:
         assert "--served-model-name" not in container(children[f"StatefulSet/sd-{stage}"])["args"]
 
 
+# the gateway's video job store
+
+
+def gateway_of(s: PipelineSpec) -> dict[str, Any]:
+    return by_name(render_all(OWNER, s))["Deployment/sd-gateway"]
+
+
+def video(**gateway: Any) -> dict[str, Any]:
+    """A video pipeline's spec (its gateway serves the Videos API) with these gateway fields."""
+    return spec(model={"source": "builtin:tiny-wan", "family": "wan"}, gateway=gateway)
+
+
+def pod_spec(body: dict[str, Any]) -> dict[str, Any]:
+    spec_: dict[str, Any] = body["spec"]["template"]["spec"]
+    return spec_
+
+
+def test_a_sqlite_job_store_on_a_claim_is_mounted_read_write_and_rolls_by_recreate() -> None:
+    s = parse_spec(
+        video(jobStore={"persistentVolumeClaim": {"claimName": "jobs"}, "mountPath": "/var/jobs"})
+    )
+    assert s.gateway.job_store == JobStoreSpec("sqlite", claim_name="jobs", mount_path="/var/jobs")
+    assert not s.gateway.job_store.ephemeral and spec_warnings(s) == []
+    deploy = gateway_of(s)
+    pod, c = pod_spec(deploy), container(deploy)
+    (volume,) = [v for v in pod["volumes"] if v["name"] == JOB_VOLUME]
+    assert volume == {"name": JOB_VOLUME, "persistentVolumeClaim": {"claimName": "jobs"}}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == JOB_VOLUME]
+    assert mount == {"name": JOB_VOLUME, "mountPath": "/var/jobs"}  # read-write
+    assert pod["securityContext"]["fsGroup"] == RUN_AS_USER  # the gateway's user may write it
+    args = build_parser().parse_args(c["args"])
+    assert args.data_dir == "/var/jobs" and args.job_store is None
+    assert c["args"].count("--data-dir") == 1
+    assert JOB_STORE_ENV not in {e["name"] for e in c["env"]}
+    # Two pods must never share the SQLite file: the old pod goes before the new one starts.
+    assert deploy["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
+    # Merge-patched onto a Deployment the API server defaulted to RollingUpdate, the
+    # result is a Recreate strategy the API server accepts (no rollingUpdate left).
+    live = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}
+    assert merge_patch(live, deploy["spec"]["strategy"]) == {"type": "Recreate"}
+    # The stage workers get neither the volume nor the flag.
+    for stage in ("encoder", "denoiser", "decoder"):
+        sts = by_name(render_all(OWNER, s))[f"StatefulSet/sd-{stage}"]
+        assert JOB_VOLUME not in {v["name"] for v in pod_spec(sts)["volumes"]}
+        assert "--data-dir" not in container(sts)["args"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [video(), video(jobStore={}), video(jobStore={"type": "sqlite", "mountPath": "/data"})],
+    ids=["unset", "empty", "sqlite"],
+)
+def test_a_sqlite_job_store_without_a_claim_is_an_empty_dir_and_warned(
+    raw: dict[str, Any],
+) -> None:
+    s = parse_spec(raw)
+    assert s.gateway.job_store == JobStoreSpec() and s.gateway.job_store.ephemeral
+    deploy = gateway_of(s)
+    pod, c = pod_spec(deploy), container(deploy)
+    assert {"name": JOB_VOLUME, "emptyDir": {}} in pod["volumes"]
+    assert {"name": JOB_VOLUME, "mountPath": "/data"} in c["volumeMounts"]
+    assert build_parser().parse_args(c["args"]).data_dir == "/data"
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate"}
+    (warning,) = spec_warnings(s)
+    assert warning.startswith("spec.gateway.jobStore: ")
+    assert "emptyDir" in warning and "do not survive the gateway pod" in warning
+
+
+def test_an_image_pipeline_keeps_its_gateway_replicas_and_gets_no_warning() -> None:
+    """Its gateway runs no video jobs: several replicas without a jobStore stay valid."""
+    for family in ("auto", "sd3", "qwen-image"):
+        raw = spec(model={"source": "org/m", "family": family}, gateway={"replicas": 2})
+        assert validate_spec(raw) == [], family
+        assert spec_warnings(parse_spec(raw)) == [], family
+    # An explicit SQLite store is one replica's, whatever the model.
+    (problem,) = validate_spec(spec(gateway={"replicas": 2, "jobStore": {"type": "sqlite"}}))
+    assert problem == (
+        "spec.gateway.replicas: a SQLite job store serves one gateway replica; use type: redis"
+        " for several (spec.gateway.jobStore.type), got 2"
+    )
+    # A video family's default store is SQLite too, and so is refused with two replicas.
+    (problem,) = validate_spec(video(replicas=2))
+    assert problem.startswith("spec.gateway.replicas: a SQLite job store serves one gateway")
+    assert validate_spec(video(replicas=0)) == validate_spec(video(replicas=1)) == []
+
+
+def test_a_redis_job_store_url_comes_from_its_secret_and_never_shows_in_the_pod_spec() -> None:
+    s = parse_spec(
+        video(
+            replicas=3,
+            jobStore={"type": "redis", "urlSecretRef": {"name": "jobs-redis", "key": "dsn"}},
+        )
+    )
+    assert s.gateway.job_store.url_secret_ref == SecretKeyRef("jobs-redis", "dsn")
+    assert spec_warnings(s) == []
+    deploy = gateway_of(s)
+    pod, c = pod_spec(deploy), container(deploy)
+    (var,) = [e for e in c["env"] if e["name"] == JOB_STORE_ENV]
+    assert var == {
+        "name": JOB_STORE_ENV,
+        "valueFrom": {"secretKeyRef": {"name": "jobs-redis", "key": "dsn"}},
+    }
+    args = build_parser().parse_args(c["args"])
+    assert args.job_store is None  # the gateway then reads $DISAGFUSION_JOB_STORE
+    assert args.data_dir is None
+    assert not any("redis" in a for a in c["args"])
+    assert JOB_VOLUME not in {v["name"] for v in pod["volumes"]}
+    assert JOB_VOLUME not in {m["name"] for m in c["volumeMounts"]}
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"]["strategy"] == {"type": "RollingUpdate"}
+    # The key defaults to url.
+    default_key = parse_spec(video(jobStore={"type": "redis", "urlSecretRef": {"name": "r"}}))
+    assert default_key.gateway.job_store.url_secret_ref == SecretKeyRef("r", "url")
+    # The stage workers never get the URL.
+    for key, names in written_env(by_name(render_all(OWNER, s))).items():
+        assert (JOB_STORE_ENV in names) == (key == "Deployment/sd-gateway"), key
+
+
+@pytest.mark.parametrize(
+    ("gateway", "retention", "timeout"),
+    [
+        ({}, 86400, 3600),
+        ({"videoRetentionSeconds": 60, "videoTimeoutSeconds": 1}, 60, 1),
+        ({"videoRetentionSeconds": 604800, "videoTimeoutSeconds": 7200}, 604800, 7200),
+    ],
+)
+def test_video_retention_and_timeout_reach_the_gateway(
+    gateway: dict[str, Any], retention: int, timeout: int
+) -> None:
+    s = parse_spec(video(**gateway))
+    assert (s.gateway.video_retention_seconds, s.gateway.video_timeout_seconds) == (
+        retention,
+        timeout,
+    )
+    c = container(gateway_of(s))
+    args = build_parser().parse_args(c["args"])
+    assert (args.video_retention, args.video_timeout) == (retention, timeout)
+    assert c["args"].count("--video-retention") == c["args"].count("--video-timeout") == 1
+
+
+def test_the_job_store_changes_roll_the_gateway_only() -> None:
+    plain = render_all(OWNER, parse_spec(video()))
+    claimed = render_all(
+        OWNER, parse_spec(video(jobStore={"persistentVolumeClaim": {"claimName": "jobs"}}))
+    )
+    moved = {
+        f"{a.kind}/{a.name}"
+        for a, b in zip(plain, claimed, strict=True)
+        if a.input_hash != b.input_hash
+    }
+    assert moved == {"Deployment/sd-gateway"}
+
+
+def test_the_job_store_defaults_match_the_crd_and_the_gateway_cli() -> None:
+    _, version = crd_schema()
+    gw = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["gateway"]
+    props = gw["properties"]
+    defaults = parse_spec(spec()).gateway
+    cli = build_parser().parse_args(
+        ["gateway", "--model", "m", "--grpc-port", "1", "--topology", "{}"]
+    )
+    assert props["videoRetentionSeconds"]["default"] == defaults.video_retention_seconds
+    assert defaults.video_retention_seconds == DEFAULT_VIDEO_RETENTION_S == cli.video_retention
+    assert props["videoRetentionSeconds"]["minimum"] == MIN_VIDEO_RETENTION_S
+    assert props["videoTimeoutSeconds"]["default"] == defaults.video_timeout_seconds
+    assert defaults.video_timeout_seconds == DEFAULT_VIDEO_TIMEOUT_S == cli.video_timeout
+    assert props["videoTimeoutSeconds"]["minimum"] == 1
+    store = props["jobStore"]
+    # No default object: an image pipeline without one keeps several gateway replicas.
+    assert "default" not in store
+    fields = store["properties"]
+    assert fields["type"]["enum"] == list(JOB_STORE_TYPES)
+    assert fields["type"]["default"] == defaults.job_store.type == "sqlite"
+    assert fields["mountPath"]["default"] == defaults.job_store.mount_path == "/data"
+    assert fields["urlSecretRef"]["properties"]["key"]["default"] == DEFAULT_REDIS_URL_KEY
+    assert fields["urlSecretRef"]["required"] == ["name"]
+    assert fields["persistentVolumeClaim"]["required"] == ["claimName"]
+    for path, node in _walk(store, "jobStore"):
+        assert node.get("description"), f"spec.gateway.{path} has no description"
+    for key in ("videoRetentionSeconds", "videoTimeoutSeconds"):
+        assert props[key]["description"] and props[key]["type"] == "integer", key
+    assert "does not survive the gateway pod" in " ".join(store["description"].split())
+    # The paths a job store may not take are the ones render.py mounts.
+    assert TOPOLOGY_DIR in GATEWAY_MOUNTED_PATHS and "/tmp" in GATEWAY_MOUNTED_PATHS
+
+
 def defaults_family() -> str:
     return parse_spec(spec()).model.family
 
@@ -666,7 +921,17 @@ def test_crd_schema_is_structural_and_matches_the_parser() -> None:
     model = spec_schema["properties"]["model"]
     assert model["required"] == ["source"]
     family = model["properties"]["family"]
-    assert family["enum"] == ["auto", "unet", "sd3", "flux", "sdxl", "qwen-image", "mmdit"]
+    assert family["enum"] == [
+        "auto",
+        "unet",
+        "sd3",
+        "flux",
+        "sdxl",
+        "qwen-image",
+        "wan",
+        "wan-i2v",
+        "mmdit",
+    ]
     assert family["default"] == defaults_family() == "auto"
     assert "mmdit is the deprecated name of sd3" in family["description"]
     assert "model_index.json" in family["description"]
@@ -747,8 +1012,6 @@ def test_scaling_conditions() -> None:
 
 
 def test_status_merge_patch_is_rfc7386() -> None:
-    from disagfusion.operator.context import merge_patch
-
     old = {"a": {"b": 1, "c": [1, 2]}, "d": 1}
     assert merge_patch(old, {"a": {"c": [3], "e": None}, "d": None}) == {"a": {"b": 1, "c": [3]}}
     assert merge_patch({"a": 1}, {"a": {"x": None, "y": 2}}) == {"a": {"y": 2}}

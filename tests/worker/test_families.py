@@ -113,7 +113,10 @@ def qwen_variant(out: Path) -> Path:
 SAVED = {"saved-flux-schnell": schnell_variant, "saved-qwen-image": qwen_variant}
 
 
-@pytest.fixture(scope="module", params=[*BUILTIN_NAMES, *SAVED])
+IMAGE_BUILTINS = [name for name in BUILTIN_NAMES if "wan" not in name]  # video: test_videos
+
+
+@pytest.fixture(scope="module", params=[*IMAGE_BUILTINS, *SAVED])
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServeLocal, Path]]:
@@ -162,7 +165,10 @@ def test_serve_refuses_a_model_of_another_family(tmp_path: Path) -> None:
     assert "Traceback" not in s.output()
 
 
-@pytest.mark.parametrize("builtin", ["tiny-mmdit", "tiny-flux", "tiny-sdxl", "tiny-qwen-image"])
+@pytest.mark.parametrize(
+    "builtin",
+    ["tiny-mmdit", "tiny-flux", "tiny-sdxl", "tiny-qwen-image", "tiny-wan", "tiny-wan-i2v"],
+)
 def test_profile_measures_every_family(tmp_path: Path, builtin: str) -> None:
     out = tmp_path / "profile.yaml"
     argv = [sys.executable, "-m", "disagfusion", "profile", "--model", f"builtin:{builtin}"]
@@ -171,6 +177,8 @@ def test_profile_measures_every_family(tmp_path: Path, builtin: str) -> None:
     (acc,) = profile.accelerators
     assert all(profile.stages[stage][acc.name].memory_gb > 0 for stage in STAGES)
     assert profile.default_request.width == 64
+    # Video models are measured at their default clip length (tiny-wan: 9 frames).
+    assert profile.default_request.frames == describe_model(f"builtin:{builtin}").default_frames
 
 
 def test_every_family_is_a_diffusers_pipeline_the_operator_knows() -> None:

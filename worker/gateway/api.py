@@ -119,6 +119,21 @@ class ApiError(ValueError):
         )
 
 
+def steps_and_guidance_problems(
+    default_steps: int, max_steps: int, default_guidance: float, max_guidance: float
+) -> list[str]:
+    """What is inconsistent in step and guidance limits (images and videos alike)."""
+    problems = []
+    if not 1 <= default_steps <= max_steps:
+        problems.append(f"need 1 <= default_steps <= max_steps; got {default_steps}, {max_steps}")
+    if not (math.isfinite(max_guidance) and 0 <= default_guidance <= max_guidance):
+        problems.append(
+            "need 0 <= default_guidance <= max_guidance (finite); "
+            f"got {default_guidance}, {max_guidance}"
+        )
+    return problems
+
+
 @dataclass(frozen=True, kw_only=True)
 class RequestLimits:
     """What the gateway serves; bounds and defaults for request validation.
@@ -162,17 +177,9 @@ class RequestLimits:
             )
         elif any(d < lo or d > hi or d % mult for d in self.default_size):
             problems.append(f"default_size {self.default_size} is outside the size limits")
-        if not 1 <= self.default_steps <= self.max_steps:
-            problems.append(
-                f"need 1 <= default_steps <= max_steps; got {self.default_steps}, {self.max_steps}"
-            )
-        if not (
-            math.isfinite(self.max_guidance) and 0 <= self.default_guidance <= self.max_guidance
-        ):
-            problems.append(
-                "need 0 <= default_guidance <= max_guidance (finite); "
-                f"got {self.default_guidance}, {self.max_guidance}"
-            )
+        problems += steps_and_guidance_problems(
+            self.default_steps, self.max_steps, self.default_guidance, self.max_guidance
+        )
         if self.max_n < 1:
             problems.append(f"max_n must be >= 1, got {self.max_n}")
         if self.max_prompt_chars < 1:

@@ -8,7 +8,12 @@ explicit error), then it exits.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
 
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.api import RequestLimits
@@ -17,6 +22,12 @@ from disagfusion.worker.probes import start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
 from disagfusion.worker.runtime.peers import SERVER_OPTIONS
 from disagfusion.worker.runtime.sender import HandoffDelay
+
+if TYPE_CHECKING:
+    from disagfusion.worker.gateway.jobs import JobManager
+    from disagfusion.worker.gateway.jobstore import JobStore
+    from disagfusion.worker.gateway.video_api import VideoLimits
+    from disagfusion.worker.models import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,12 @@ class GatewayOptions:
     served_model_name: str | None = None
     drain_timeout_s: float = 60.0
     family: str = "auto"
+    # Video models: the Videos API's jobs live in a job store (SQLite in data_dir,
+    # or Redis); finished videos are kept video_retention_s.
+    data_dir: str = ""
+    job_store: str = ""
+    video_retention_s: float = 86400.0
+    video_timeout_s: float = 3600.0
 
 
 def limits_for(
@@ -69,9 +86,71 @@ def limits_for(
     )
 
 
+def video_limits_for(info: ModelInfo, public: str, aliases: tuple[str, ...]) -> VideoLimits:
+    """The Videos API's bounds for a video model."""
+    from disagfusion.worker.gateway.video_api import VideoLimits
+
+    return VideoLimits(
+        served_model=public,
+        model_aliases=aliases,
+        default_size=info.default_size,
+        size_multiple=info.size_multiple,
+        max_size=info.max_size,
+        default_steps=info.default_steps,
+        default_guidance=info.default_guidance,
+        default_frames=info.default_frames,
+        frame_step=info.frame_step,
+        max_frames=info.max_frames,
+        default_fps=info.default_fps,
+        reference="required" if info.reference == "required" else "refused",
+    )
+
+
+def default_data_dir() -> Path:
+    """Where a gateway keeps its jobs without --data-dir: beside the model cache,
+    so it outlives the gateway process (and `serve --local` restarts)."""
+    from disagfusion.worker.models.builtin import default_cache_dir
+
+    return default_cache_dir().parent / "jobs"
+
+
+async def start_jobs(
+    opts: GatewayOptions, gateway: Gateway, app: web.Application, info: ModelInfo
+) -> tuple[JobManager, JobStore]:
+    """The Videos API on `app`: a job store, and a manager resuming its jobs."""
+    from disagfusion.worker.gateway.jobs import JobManager
+    from disagfusion.worker.gateway.jobstore import open_job_store
+    from disagfusion.worker.gateway.video_runner import video_runner
+    from disagfusion.worker.gateway.videos_http import add_video_routes, bearer_auth
+
+    limits = gateway.config.limits
+    data_dir = Path(opts.data_dir) if opts.data_dir else default_data_dir()
+    spec = opts.job_store or os.environ.get("DISAGFUSION_JOB_STORE", "")
+    store = open_job_store(spec, data_dir / _safe(gateway.config.pipeline))
+    manager = JobManager(
+        store,
+        video_runner(gateway, opts.video_timeout_s),
+        retention_s=opts.video_retention_s,
+        max_active=opts.max_pending,
+    )
+    await manager.start()
+    video_limits = video_limits_for(info, limits.served_model, limits.model_aliases)
+    add_video_routes(app, manager, video_limits, bearer_auth(opts.api_key))
+    where = "Redis" if spec.startswith("redis") else str(data_dir)
+    log.info("video jobs in %s (finished videos kept %gs)", where, opts.video_retention_s)
+    return manager, store
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "default"
+
+
 async def run_gateway(opts: GatewayOptions) -> int:
     import grpc
 
+    from disagfusion.worker.models import describe_model
+
+    info = describe_model(opts.model, family=opts.family)
     name, limits = limits_for(opts.model, opts.max_images, opts.served_model_name, opts.family)
     first = "monolithic" if "monolithic" in opts.stage_addrs else "encoder"
     gateway = Gateway(
@@ -87,6 +166,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
             request_timeout_s=opts.request_timeout_s,
             api_key=opts.api_key,
             handoff_delay=opts.handoff_delay,
+            video=info.is_video,
         )
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -96,9 +176,17 @@ async def run_gateway(opts: GatewayOptions) -> int:
         raise OSError(f"cannot listen on {opts.host}:{opts.grpc_port}")
     await server.start()
     gateway.start()
-    runner = await start_site(build_http_app(gateway), opts.host, opts.port)
+    app = build_http_app(gateway)
+    jobs = await start_jobs(opts, gateway, app, info) if info.is_video else None
+    runner = await start_site(app, opts.host, opts.port)
     log.info("gateway for %s on http://%s:%d", name, opts.host, opts.port)
     await wait_for_signal()
+    if jobs is not None:
+        # Running jobs are not failed: they stay in the store and resume at the
+        # next start (of this gateway or, with Redis, another replica).
+        manager, store = jobs
+        await manager.close()
+        await store.close()
     # Keep listening while draining: new requests get 503 + Retry-After, and
     # results for the accepted ones still arrive on the gRPC port.
     log.info("gateway draining: %d accepted request(s) to finish", gateway.pending_count)

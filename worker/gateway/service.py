@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from aiohttp import web
 
 from disagfusion.proto import disagfusion_pb2 as pb
@@ -78,9 +79,11 @@ _ERROR_CODES = {
 @dataclass(frozen=True)
 class GeneratedImages:
     request_id: str
-    pngs: list[bytes]
+    pngs: list[bytes]  # the images; of a video request, each video's first frame
     seeds: list[int]  # per image: the seed that reproduces it alone
     latency_s: float
+    videos: list[bytes] = field(default_factory=list)  # MP4s, for a video model
+    frames: list[torch.Tensor] = field(default_factory=list)  # with keep_frames: lossless
 
 
 @dataclass
@@ -96,6 +99,7 @@ class GatewayConfig:
     request_timeout_s: float = 300.0
     api_key: str | None = None
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
+    video: bool = False  # a video model: the Videos API serves it, not the Images API
 
 
 class Gateway(pb_grpc.StageServicer):
@@ -125,6 +129,7 @@ class Gateway(pb_grpc.StageServicer):
         self._waiting = 0
         self._completions: collections.deque[float] = collections.deque(maxlen=256)
         self._seen_ready: set[str] = set()  # stages that have had a ready instance
+        self._progress: dict[str, Callable[[float], None]] = {}
         self.draining = False
 
     # ---- lifecycle ------------------------------------------------------
@@ -205,15 +210,30 @@ class Gateway(pb_grpc.StageServicer):
         return max(1, min(60, math.ceil((self._waiting + 1) / rate)))
 
     async def generate(
-        self, params: GenerationParams, request_id: str | None = None, *, from_client: bool = False
+        self,
+        params: GenerationParams,
+        request_id: str | None = None,
+        *,
+        from_client: bool = False,
+        tensors: dict[str, torch.Tensor] | None = None,
+        on_progress: Callable[[float], None] | None = None,
+        timeout_s: float | None = None,
     ) -> GeneratedImages:
         """Run one request through the pipeline; raises RequestFailed.
 
         `request_id` names the request in the pipeline (default: a new one). A
         client's id (`from_client`, X-Request-Id) gets a unique suffix, since
-        clients may reuse theirs and the stages suppress duplicates by id."""
+        clients may reuse theirs and the stages suppress duplicates by id.
+        `tensors` go to the first stage (an image-to-video reference image);
+        `on_progress` hears the denoiser's progress, 0..1; `timeout_s` replaces
+        the request timeout (a video job runs for minutes). Cancelling the
+        caller's task cancels the request in the stages at their next step."""
         self.metrics.arrived(
-            params.width, params.height, 1, params.num_inference_steps, params.num_images
+            params.width,
+            params.height,
+            params.num_frames,
+            params.num_inference_steps,
+            params.num_images,
         )
         problem = self._admission_problem()
         if problem is not None:
@@ -221,15 +241,19 @@ class Gateway(pb_grpc.StageServicer):
         rid = request_id or uuid.uuid4().hex
         if from_client:
             rid = f"{rid}.{uuid.uuid4().hex[:12]}"
+        timeout = timeout_s or self.config.request_timeout_s
         started = time.perf_counter()
         future: asyncio.Future[GeneratedImages] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         self._started[rid] = started
+        if on_progress is not None:
+            self._progress[rid] = on_progress
         self.metrics.pending.set(len(self._pending))
         payload = Payload(
             request_id=rid,
             params=params,
-            deadline_unix=self._clock() + self.config.request_timeout_s,
+            tensors=dict(tensors or {}),
+            deadline_unix=self._clock() + timeout,
             reply_to=self.config.result_address,
             pipeline=self.config.pipeline,
             model=self.config.model,
@@ -237,13 +261,9 @@ class Gateway(pb_grpc.StageServicer):
         )
         dispatch = asyncio.create_task(self._dispatch(payload))
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(future), self.config.request_timeout_s + 1.0
-            )
+            return await asyncio.wait_for(asyncio.shield(future), timeout + 1.0)
         except TimeoutError:
-            raise RequestFailed(
-                504, f"no result within {self.config.request_timeout_s:g}s"
-            ) from None
+            raise RequestFailed(504, f"no result within {timeout:g}s") from None
         finally:
             self._end(rid)
             if not dispatch.done():
@@ -265,6 +285,7 @@ class Gateway(pb_grpc.StageServicer):
 
     def _end(self, rid: str) -> None:
         self._pending.pop(rid, None)
+        self._progress.pop(rid, None)
         self._started.pop(rid, None)
         self._ended[rid] = None
         while len(self._ended) > ENDED_MEMORY:
@@ -278,12 +299,15 @@ class Gateway(pb_grpc.StageServicer):
         if result.error:
             future.set_exception(RequestFailed(result.error_code or 500, result.error))
             return
-        pngs = [
-            bytes(result.tensors[f"png.{i}"].numpy().tobytes())
+        video = "mp4.0" in result.tensors
+        pngs = _numbered(result.tensors, "thumb" if video else "png")
+        videos = _numbered(result.tensors, "mp4")
+        frames = [
+            result.tensors[f"frames.{i}"]
             for i in range(len(result.tensors))
-            if f"png.{i}" in result.tensors
+            if f"frames.{i}" in result.tensors
         ]
-        if len(pngs) != result.params.num_images:
+        if len(pngs) != result.params.num_images or len(videos) != (len(pngs) if video else 0):
             future.set_exception(
                 RequestFailed(
                     500,
@@ -295,7 +319,9 @@ class Gateway(pb_grpc.StageServicer):
         self._completions.append(time.monotonic())
         latency = time.perf_counter() - self._started.get(result.request_id, time.perf_counter())
         future.set_result(
-            GeneratedImages(result.request_id, pngs, result.params.image_seeds(), latency)
+            GeneratedImages(
+                result.request_id, pngs, result.params.image_seeds(), latency, videos, frames
+            )
         )
 
     # ---- Stage service: terminal results from the last stage ---------------
@@ -309,6 +335,16 @@ class Gateway(pb_grpc.StageServicer):
             queue_depth=self._waiting,
             in_flight=len(self._pending),
         )
+
+    async def Progress(self, request: pb.ProgressReport, context: object) -> pb.ProgressReply:
+        """A stage's step count; a request that ended (answered, deleted, timed
+        out) is cancelled, so the stage stops spending its accelerator on it."""
+        if request.request_id not in self._pending:
+            return pb.ProgressReply(cancelled=True)
+        listener = self._progress.get(request.request_id)
+        if listener is not None and request.total > 0:
+            listener(min(request.step / request.total, 1.0))
+        return pb.ProgressReply(cancelled=False)
 
     async def Submit(
         self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
@@ -332,6 +368,15 @@ class Gateway(pb_grpc.StageServicer):
         # Unknown ids are requests that already ended: acknowledge so the sender stops.
         yield pb.Ack(request_id=header.request_id, status=pb.Ack.RECEIVED)
         yield pb.Ack(request_id=header.request_id, status=pb.Ack.DONE)
+
+
+def _numbered(tensors: dict[str, torch.Tensor], prefix: str) -> list[bytes]:
+    """The byte tensors `prefix.0`, `prefix.1`, ... of a result, in order."""
+    return [
+        bytes(tensors[f"{prefix}.{i}"].numpy().tobytes())
+        for i in range(len(tensors))
+        if f"{prefix}.{i}" in tensors
+    ]
 
 
 class GatewayGrpc(pb_grpc.GatewayServicer):
@@ -364,6 +409,12 @@ class GatewayGrpc(pb_grpc.GatewayServicer):
         for name in ("seed", "num_inference_steps", "guidance_scale"):
             if request.HasField(name):
                 body[name] = getattr(request, name)
+        if self.gateway.config.video:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.gateway.config.model} is a video model: use POST /v1/videos",
+            )
+            raise AssertionError("unreachable")
         try:
             params = parse_images_request(body, self.gateway.config.limits)
             result = await self.gateway.generate(params)
@@ -387,6 +438,7 @@ class GatewayGrpc(pb_grpc.GatewayServicer):
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:~-]{1,128}")
 REQUEST_ID = web.RequestKey("request_id", str)
 FROM_CLIENT = web.RequestKey("request_id_from_client", bool)
+MAX_BODY_MIB = web.AppKey("max_body_mib", int)
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
@@ -426,7 +478,8 @@ async def _request_ids_and_json_errors(
         elif exc.status == 404:
             response = _error(404, f"No such path: {request.path}", "not_found")
         elif exc.status == 413:
-            response = _error(413, "request body larger than 1 MiB", "too_large")
+            limit = request.app[MAX_BODY_MIB]
+            response = _error(413, f"request body larger than {limit} MiB", "too_large")
         else:
             response = _error(exc.status, exc.reason, "http_error")
     response.headers["X-Request-Id"] = request_id
@@ -434,7 +487,12 @@ async def _request_ids_and_json_errors(
 
 
 def build_http_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=1 << 20, middlewares=[_request_ids_and_json_errors])
+    # A video job's reference image arrives in the body: allow it, not more.
+    max_body_mib = 32 if gateway.config.video else 1
+    app = web.Application(
+        client_max_size=max_body_mib << 20, middlewares=[_request_ids_and_json_errors]
+    )
+    app[MAX_BODY_MIB] = max_body_mib
     limits = gateway.config.limits
     created = int(time.time())
 
@@ -456,6 +514,14 @@ def build_http_app(gateway: Gateway) -> web.Application:
             return _error(413, "request body larger than 1 MiB", "too_large")
         except (ValueError, UnicodeDecodeError):
             return _error(400, "body is not valid JSON", "invalid_json")
+        if gateway.config.video:
+            return _error(
+                400,
+                f"{gateway.config.model} is a video model: create a video job with"
+                " POST /v1/videos (client.videos.create) instead",
+                "video_model",
+                "model",
+            )
         try:
             params = parse_images_request(body, limits)
         except ApiError as err:

@@ -111,6 +111,9 @@ class LocalOptions:
     shutdown_drain_s: float = 60.0  # the gateway's time to finish accepted requests on stop
     served_model_name: str | None = None
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # The gateway's video job store: passed on as given (the gateway's defaults
+    # put SQLite beside the model cache, which outlives a restarted gateway).
+    gateway_args: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         if self.monolithic:
@@ -246,6 +249,7 @@ class LocalCluster:
                 "--drain-timeout",
                 str(o.shutdown_drain_s),
                 *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
+                *o.gateway_args,
                 *self._common_args(delay=False),
             ],
         )
@@ -467,7 +471,12 @@ def cli_path() -> str:
         return str(script)
 
 
-def example_commands(url: str, size: str) -> Sequence[str]:
+def example_commands(url: str, size: str, video: bool = False) -> Sequence[str]:
+    if video:
+        return (
+            f'{cli_path()} generate --video "a fox running" -o fox.mp4 --url {url}',
+            f"curl -s {url}/v1/videos -F prompt='a fox running' -F size={size}",
+        )
     return (
         f'{cli_path()} generate "a red fox" -o fox.png --url {url}',
         f"curl -s {url}/v1/images/generations -H 'Content-Type: application/json' "

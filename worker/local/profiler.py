@@ -106,7 +106,10 @@ def measurement_shapes(info: ModelInfo, quick: bool) -> list[RequestShape]:
         sizes.insert(0, (half[0], half[1]))
     d = info.default_steps
     steps = (max(1, d // 4), max(2, d // 2)) if quick else (max(1, d // 2), max(2, d))
-    return [RequestShape(w, h, 1, s) for (w, h), s in itertools.product(sizes, sorted(set(steps)))]
+    frames = info.default_frames  # a video model is measured at its default clip length
+    return [
+        RequestShape(w, h, frames, s) for (w, h), s in itertools.product(sizes, sorted(set(steps)))
+    ]
 
 
 def _accelerator(device: str) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def profile_model(
     finally:
         torch.set_num_threads(previous)
     accelerator = _accelerator(device)
-    default = RequestShape(*info.default_size, 1, info.default_steps)
+    default = RequestShape(*info.default_size, info.default_frames, info.default_steps)
     data = {
         "name": f"{info.name}-{accelerator['name'].lower().replace(' ', '-')}",
         "description": f"{info.name} measured on {accelerator['name']} by disagfusion profile",
@@ -239,7 +242,7 @@ def _measure(
         run.memory_gb[name] = _module_gb(stage)
         log(f"{name}: loaded in {run.load_s[name]:.2f} s")
         if name == "encoder":  # the encoder never sees the image size or step count
-            todo = [RequestShape(*info.default_size, 1, info.default_steps)]
+            todo = [RequestShape(*info.default_size, info.default_frames, info.default_steps)]
         elif name == "decoder":  # the decoder never sees the step count
             todo = [s for s in shapes if s.steps == shapes[0].steps]
         else:
@@ -248,8 +251,8 @@ def _measure(
         for shape in todo:
             params = _params(info, shape)
             if name == "encoder":
-                embeds = stage.run(params, {})  # also the warm-up
-            inputs = {"encoder": {}, "denoiser": embeds}.get(name)
+                embeds = stage.run(params, _encoder_inputs(stage, shape))  # also the warm-up
+            inputs = {"encoder": _encoder_inputs(stage, shape), "denoiser": embeds}.get(name)
             if inputs is None:
                 inputs = {"latents": _latents(stage, shape, device)}
             calls.append(functools.partial(stage.run, params, inputs))
@@ -277,16 +280,40 @@ def _params(info: ModelInfo, shape: RequestShape) -> GenerationParams:
         height=shape.height,
         num_inference_steps=shape.steps,
         guidance_scale=info.default_guidance,
+        num_frames=shape.frames,
+        fps=info.default_fps,
     )
+
+
+def _encoder_inputs(stage: Any, shape: RequestShape) -> dict[str, Any]:
+    """What a request brings the encoder: an image-to-video model's reference image."""
+    import torch
+
+    specs = stage.input_names(_params(stage.info, shape))
+    if "reference_image" not in specs:
+        return {}
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "reference_image": torch.randint(
+            0, 256, (shape.height, shape.width, 3), generator=gen, dtype=torch.uint8
+        )
+    }
 
 
 def _latents(stage: Any, shape: RequestShape, device: str) -> Any:
     import torch
 
-    params = GenerationParams(prompt=PROMPT, width=shape.width, height=shape.height)
+    params = GenerationParams(
+        prompt=PROMPT, width=shape.width, height=shape.height, num_frames=shape.frames
+    )
     size = stage.latent_shape(params)
     return torch.randn(size, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _shape_dict(shape: RequestShape) -> dict[str, int]:
-    return {"width": shape.width, "height": shape.height, "steps": shape.steps}
+    return {
+        "width": shape.width,
+        "height": shape.height,
+        "frames": shape.frames,
+        "steps": shape.steps,
+    }

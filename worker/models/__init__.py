@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from disagfusion.worker.models.stages import (
         StageInputError,
         StageModel,
-        embedding_names,
         input_names,
         load_stage,
         output_names,
@@ -32,7 +31,6 @@ __all__ = [
     "StageInputError",
     "StageModel",
     "describe_model",
-    "embedding_names",
     "ensure_builtin",
     "images_to_png",
     "input_names",
@@ -44,7 +42,6 @@ _LAZY = {
     "images_to_png": "images",
     "StageInputError": "stages",
     "StageModel": "stages",
-    "embedding_names": "stages",
     "input_names": "stages",
     "load_stage": "stages",
     "output_names": "stages",

@@ -29,6 +29,8 @@ _BUILDERS = {
     "tiny-flux": "flux",
     "tiny-sdxl": "sdxl",
     "tiny-qwen-image": "qwen_image",
+    "tiny-wan": "wan",
+    "tiny-wan-i2v": "wan_i2v",
 }
 BUILTIN_NAMES = tuple(_BUILDERS)
 # Written last into every builtin dir; bump BUILD_VERSION when a builder

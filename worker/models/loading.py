@@ -20,6 +20,7 @@ from disagfusion.worker.models import builtin
 from disagfusion.worker.models.families import FAMILIES, Family, SizeRules, by_class, by_name
 
 DEFAULT_MAX_SIZE = 2048
+DEFAULT_MAX_FRAMES = 241  # Wan2.2 makes 5 s at 24 fps (121); leave room, not unbounded
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -40,10 +41,21 @@ class ModelInfo:
     max_size: int
     default_steps: int
     default_guidance: float
+    # Video models: frames per clip are frame_step*k + 1 up to max_frames (0: images).
+    frame_step: int = 0
+    default_frames: int = 1
+    max_frames: int = 1
+    default_fps: int = 16
+    reference: str = "refused"  # "required": image-to-video, a reference image per request
+    components: tuple[str, ...] = ()
 
     @property
     def family_spec(self) -> Family:
-        return FAMILIES[self.family]
+        return FAMILIES[self.family].bind(self.components)
+
+    @property
+    def is_video(self) -> bool:
+        return self.frame_step > 0
 
     @property
     def sizes(self) -> SizeRules:
@@ -150,6 +162,8 @@ def _describe_dir(path: Path, *, name: str, source: str) -> ModelInfo:
     default_size = sizes.default_size
     steps, guidance = family.serving_defaults(config)
     max_size = DEFAULT_MAX_SIZE
+    frames, fps = family.default_frames, family.default_fps
+    max_frames = DEFAULT_MAX_FRAMES if family.frame_step else 1
     meta = builtin.read_sidecar(path)
     if meta is not None and meta.get("builder") == "disagfusion":
         steps = int(meta.get("default_steps", steps))
@@ -157,6 +171,9 @@ def _describe_dir(path: Path, *, name: str, source: str) -> ModelInfo:
         max_size = int(meta.get("max_size", max_size))
         if "default_size" in meta:
             default_size = (int(meta["default_size"][0]), int(meta["default_size"][1]))
+        frames = int(meta.get("default_frames", frames))
+        fps = int(meta.get("default_fps", fps))
+        max_frames = int(meta.get("max_frames", max_frames))
     return ModelInfo(
         name=name,
         source=source,
@@ -169,6 +186,12 @@ def _describe_dir(path: Path, *, name: str, source: str) -> ModelInfo:
         max_size=max_size,
         default_steps=steps,
         default_guidance=guidance,
+        frame_step=family.frame_step,
+        default_frames=frames,
+        max_frames=max_frames,
+        default_fps=fps,
+        reference=family.reference,
+        components=tuple(components),
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from disagfusion.worker.models.builtin import quiet_progress
-from disagfusion.worker.models.families import FAMILIES, Family, TensorSpec
+from disagfusion.worker.models.families import Family, TensorSpec
 from disagfusion.worker.models.loading import ModelInfo, describe_model, read_components
 from disagfusion.worker.params import ROLES, GenerationParams
 
@@ -40,20 +40,17 @@ class StageInputError(ValueError):
     """
 
 
-def embedding_names(family: str, params: GenerationParams) -> tuple[str, ...]:
-    """Tensors the encoder sends to the denoiser for this request."""
-    return FAMILIES[family].embedding_names(params)
-
-
-def input_names(role: str, family: str, params: GenerationParams) -> tuple[str, ...]:
+def input_names(role: str, family: Family, params: GenerationParams) -> tuple[str, ...]:
+    if role in ("encoder", "monolithic"):
+        return tuple(family.encoder_specs(params))
     if role == "denoiser":
-        return embedding_names(family, params)
+        return family.embedding_names(params)
     return (LATENTS,) if role == "decoder" else ()
 
 
-def output_names(role: str, family: str, params: GenerationParams) -> tuple[str, ...]:
+def output_names(role: str, family: Family, params: GenerationParams) -> tuple[str, ...]:
     if role == "encoder":
-        return embedding_names(family, params)
+        return family.embedding_names(params)
     return (LATENTS,) if role == "denoiser" else (IMAGES,)
 
 
@@ -132,10 +129,10 @@ class StageModel:
         self._lock = threading.Lock()
 
     def input_names(self, params: GenerationParams) -> tuple[str, ...]:
-        return input_names(self.role, self.info.family, params)
+        return input_names(self.role, self.family, params)
 
     def output_names(self, params: GenerationParams) -> tuple[str, ...]:
-        return output_names(self.role, self.info.family, params)
+        return output_names(self.role, self.family, params)
 
     def latent_shape(self, params: GenerationParams) -> tuple[int | None, ...]:
         """The latents this model's denoiser sends its decoder for `params`."""
@@ -157,22 +154,22 @@ class StageModel:
         }
         with self._lock, torch.inference_mode():
             if self.role == "encoder":
-                return self.family.encode(self.pipe, params, self.device)
+                return self.family.encode_inputs(self.pipe, params, self.device, tensors)
             if self.role == "denoiser":
                 latents = self.family.denoise(self.pipe, params, tensors, self._generator(params))
                 return {LATENTS: latents}
             if self.role == "decoder":
                 images = self.family.decode(self.pipe, self.info.sizes, params, tensors[LATENTS])
                 return {IMAGES: _to_uint8(images)}
-            return {IMAGES: self._monolithic(params)}
+            return {IMAGES: self._monolithic(params, tensors)}
 
-    def _monolithic(self, params: GenerationParams) -> torch.Tensor:
+    def _monolithic(
+        self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
+    ) -> torch.Tensor:
         images = self.pipe(
-            **self.family.prompt_kwargs(params),
-            height=params.height,
-            width=params.width,
-            num_inference_steps=params.num_inference_steps,
-            num_images_per_prompt=params.num_images,
+            **self.family.monolithic_kwargs(params, inputs),
+            **self.family.call_kwargs(params),
+            **{self.family.per_prompt: params.num_images},
             generator=self._generator(params),
             output_type="np",
             return_dict=False,
@@ -208,14 +205,20 @@ class StageModel:
             raise StageInputError(f"seed={params.seed!r} must be in 0..2**64-1")
         if not isinstance(params.prompt, str) or not isinstance(params.negative_prompt, str):
             raise StageInputError("prompt and negative_prompt must be strings")
+        if not isinstance(params.num_frames, int) or params.num_frames < 1:
+            raise StageInputError(f"num_frames={params.num_frames!r} must be >= 1")
         problem = self.family.check_params(params)
         if problem is not None:
             raise StageInputError(problem)
+        if params.num_frames > info.max_frames:
+            raise StageInputError(f"num_frames={params.num_frames} must be <= {info.max_frames}")
 
     def _expected_inputs(self, params: GenerationParams) -> dict[str, TensorSpec]:
         """Input name -> what this stage accepts for the request."""
         if self.role == "decoder":
             return {LATENTS: TensorSpec(self.latent_shape(params))}
+        if self.role in ("encoder", "monolithic"):
+            return self.family.encoder_specs(params)
         if self.role != "denoiser":
             return {}
         return self.family.embedding_specs(self.pipe, params)

@@ -71,6 +71,9 @@ def params_to_proto(p: GenerationParams) -> pb.GenerationParams:
         guidance_scale=p.guidance_scale,
         seed=p.seed,
         num_images=p.num_images,
+        num_frames=p.num_frames,
+        fps=p.fps,
+        keep_frames=p.keep_frames,
     )
 
 
@@ -84,6 +87,10 @@ def params_from_proto(m: pb.GenerationParams) -> GenerationParams:
         guidance_scale=m.guidance_scale,
         seed=m.seed,
         num_images=m.num_images,
+        # Senders older than video leave it 0: an image.
+        num_frames=m.num_frames or 1,
+        fps=m.fps or 16,
+        keep_frames=m.keep_frames,
     )
 
 

@@ -62,12 +62,31 @@ def make_compute(
         params: GenerationParams, inputs: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         images = stage.run(params, inputs)["images"]
+        if stage.info.is_video:
+            return encode_videos(images, params)
         return {
             f"png.{i}": torch.frombuffer(bytearray(png), dtype=torch.uint8)
             for i, png in enumerate(images_to_png(images))
         }
 
     return run_and_encode
+
+
+def encode_videos(videos: torch.Tensor, params: GenerationParams) -> dict[str, torch.Tensor]:
+    """Per video i of uint8 (n, F, H, W, 3): `mp4.i`, its first frame as `thumb.i`
+    (PNG), and with keep_frames the lossless frames as `frames.i`."""
+    from disagfusion.worker.models import images_to_png
+    from disagfusion.worker.models.video import encode_mp4
+
+    out: dict[str, torch.Tensor] = {}
+    for i, frames in enumerate(videos):
+        mp4 = encode_mp4(frames.numpy(), params.fps)
+        out[f"mp4.{i}"] = torch.frombuffer(bytearray(mp4), dtype=torch.uint8)
+        (thumb,) = images_to_png(frames[:1])
+        out[f"thumb.{i}"] = torch.frombuffer(bytearray(thumb), dtype=torch.uint8)
+        if params.keep_frames:
+            out[f"frames.{i}"] = frames.contiguous()
+    return out
 
 
 async def run_worker(

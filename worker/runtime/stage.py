@@ -24,6 +24,7 @@ from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.metrics import StageMetrics
 from disagfusion.worker.params import GenerationParams, WorkerRole
+from disagfusion.worker.progress import RequestCancelled
 from disagfusion.worker.runtime.aio import cancel_all
 from disagfusion.worker.runtime.payload import (
     Payload,
@@ -33,6 +34,7 @@ from disagfusion.worker.runtime.payload import (
     read_tensors,
 )
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
+from disagfusion.worker.runtime.progress import ProgressReporter
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,7 @@ class StageRuntime(pb_grpc.StageServicer):
         self._input_error = input_error
         self._clock = clock
         self._compute: ComputeFn | None = None
+        self._progress: ProgressReporter | None = None  # made on the loop, at the first request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._entries: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
@@ -279,10 +282,19 @@ class StageRuntime(pb_grpc.StageServicer):
             assert self._compute is not None
             self.metrics.busy.set(1)
             t0 = time.perf_counter()
+            if self._progress is None:
+                self._progress = ProgressReporter(self.config.role, self._channels, loop)
+            context = self._progress.bind(payload)
             try:
                 outputs = await loop.run_in_executor(
-                    self._executor, self._compute, payload.params, payload.tensors
+                    self._executor, context.run, self._compute, payload.params, payload.tensors
                 )
+            except RequestCancelled as err:
+                # Nobody waits for it: no result, no error; custody is released.
+                log.info("%s dropped %s: %s", self.config.role, payload.request_id, err)
+                self.metrics.fail("cancelled")
+                self._release(entry)
+                continue
             except self._input_error as err:
                 await self._fail(entry, 400, f"{self.config.role}: {err}")
                 continue
@@ -292,6 +304,7 @@ class StageRuntime(pb_grpc.StageServicer):
                 continue
             finally:
                 self.metrics.busy.set(0)
+                self._progress.forget(payload.request_id)
             elapsed = time.perf_counter() - t0
             self.metrics.service_time.observe(elapsed)
             self._service_ewma = (

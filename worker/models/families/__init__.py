@@ -13,7 +13,7 @@ from disagfusion.worker.models.families.base import Family, SizeRules, TensorSpe
 
 __all__ = ["ALIASES", "FAMILIES", "Family", "SizeRules", "TensorSpec", "by_class", "by_name"]
 
-_MODULES = ("unet", "sd3", "flux", "sdxl", "qwen_image")
+_MODULES = ("unet", "sd3", "flux", "sdxl", "qwen_image", "wan", "wan_i2v")
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (importlib.import_module(f"{__name__}.{m}").FAMILY for m in _MODULES)
 }

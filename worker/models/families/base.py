@@ -13,11 +13,12 @@ inside its methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from disagfusion.worker.params import GenerationParams
+from disagfusion.worker.progress import step_callback
 
 if TYPE_CHECKING:
     import numpy as np
@@ -61,6 +62,19 @@ class Family:
     # Embeddings the encoder sends, without and with guidance; negatives are
     # the names prefixed with "negative_".
     embeddings: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    # How __call__ names the per-prompt batch (video pipelines: num_videos_per_prompt).
+    per_prompt: ClassVar[str] = "num_images_per_prompt"
+    # Video: clips of frame_step*k + 1 frames (0: an image model, one frame),
+    # and whether a request carries a reference image (image-to-video).
+    frame_step: ClassVar[int] = 0
+    default_frames: ClassVar[int] = 1
+    default_fps: ClassVar[int] = 16
+    reference: ClassVar[str] = "refused"  # or "required"
+
+    def bind(self, components: Collection[str]) -> Family:
+        """This family for a checkpoint with these components (e.g. with or
+        without an image encoder); most families do not depend on them."""
+        return self
 
     # --- described from JSON configs (torch-free) -------------------------
 
@@ -87,7 +101,22 @@ class Family:
         """A problem with the request this family cannot serve, or None."""
         if params.negative_prompt and not self.negative_prompt:
             return f"{self.name} models take no negative_prompt"
+        if self.frame_step == 0 and params.num_frames != 1:
+            return f"{self.name} models make images: num_frames must be 1"
+        if self.frame_step and (params.num_frames - 1) % self.frame_step:
+            return f"num_frames={params.num_frames} must be {self.frame_step}k+1"
         return None
+
+    def call_kwargs(self, params: GenerationParams) -> dict[str, Any]:
+        """Size (and frame count) arguments of every __call__ of this pipeline."""
+        kwargs: dict[str, Any] = {
+            "height": params.height,
+            "width": params.width,
+            "num_inference_steps": params.num_inference_steps,
+        }
+        if self.frame_step:
+            kwargs["num_frames"] = params.num_frames
+        return kwargs
 
     # --- loading -----------------------------------------------------------
 
@@ -107,6 +136,20 @@ class Family:
         self, pipe: Any, params: GenerationParams, device: torch.device
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def encoder_specs(self, params: GenerationParams) -> dict[str, TensorSpec]:
+        """What the encoder takes from the gateway: nothing but the prompt, except
+        for image-to-video (the reference image)."""
+        return {}
+
+    def encode_inputs(
+        self,
+        pipe: Any,
+        params: GenerationParams,
+        device: torch.device,
+        inputs: Mapping[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        return self.encode(pipe, params, device)
 
     def embedding_specs(self, pipe: Any, params: GenerationParams) -> dict[str, TensorSpec]:
         """Name -> what the denoiser accepts, for this request."""
@@ -137,11 +180,10 @@ class Family:
         return pipe(
             **embeds,
             **self.guidance_kwargs(params),
-            height=params.height,
-            width=params.width,
-            num_inference_steps=params.num_inference_steps,
-            num_images_per_prompt=1,
+            **self.call_kwargs(params),
+            **{self.per_prompt: 1},
             generator=generator,
+            callback_on_step_end=step_callback(params.num_inference_steps),
             output_type="latent",
             return_dict=False,
         )[0]
@@ -161,6 +203,13 @@ class Family:
     ) -> np.ndarray:
         """Latents -> float images in [0, 1], (n, H, W, 3), as the pipeline's post-loop code."""
         raise NotImplementedError
+
+    def monolithic_kwargs(
+        self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """The input arguments of a one-call pipeline run: the prompt arguments,
+        and what the gateway sent the first stage (a reference image)."""
+        return self.prompt_kwargs(params)
 
     def prompt_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         """The prompt arguments of a one-call (monolithic) pipeline run."""
