@@ -484,7 +484,11 @@ async def test_expired_jobs_are_deleted_with_their_content(
     assert (info.value.status, info.value.code) == (410, "video_expired")
 
     async def swept() -> bool:
-        return await stored(manager, job.id) is None
+        # The sweep deletes the row, then the files (in a thread): wait for both.
+        row_gone = await stored(manager, job.id) is None
+        names = ("video", "thumbnail", "frames", "input_reference")
+        blobs = [await manager._store.get_blob(job.id, name) for name in names]
+        return row_gone and blobs == [None] * len(names)
 
     await until_async(swept)
     with pytest.raises(JobNotFound):
