@@ -23,6 +23,7 @@ PLURAL = "diffusionpipelines"
 HASH_ANNOTATION = "disagfusion.io/input-hash"
 GRPC_PORT = 50051
 HTTP_PORT = 8080
+TORCH_STORE_PORT = 29500  # the torch transport's TCPStore, where senders rendezvous
 GPU_RESOURCE = "nvidia.com/gpu"
 TOPOLOGY_DIR = "/etc/disagfusion"
 TOPOLOGY_FILE = "topology.json"
@@ -231,7 +232,29 @@ def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageS
         args += ["--device", "cuda"]
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
-    return args + _family_args(spec)
+    return args + _family_args(spec) + _transport_args(spec)
+
+
+def _transport_args(spec: PipelineSpec) -> list[str]:
+    """`--transport NAME` and its options; none for the default (grpc, no options).
+    The torch backend's store gets a fixed port so it can be named in the pod."""
+    t = spec.transport
+    options = dict(t.options)
+    if t.backend == "torch":
+        options.setdefault("store_port", str(TORCH_STORE_PORT))
+    if t.backend == "grpc" and not options:
+        return []
+    args = ["--transport", t.backend]
+    for key, value in sorted(options.items()):
+        args += ["--transport-option", f"{key}={value}"]
+    return args
+
+
+def _transport_ports(spec: PipelineSpec) -> list[dict[str, Any]]:
+    if spec.transport.backend != "torch":
+        return []
+    port = int(spec.transport.options.get("store_port", TORCH_STORE_PORT))
+    return [{"name": "torch-store", "containerPort": port}]
 
 
 def _family_args(spec: PipelineSpec) -> list[str]:
@@ -270,6 +293,7 @@ def render_stage(
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT},
             {"name": "http", "containerPort": HTTP_PORT},
+            *_transport_ports(spec),
         ],
         "env": _model_env(spec) + stage.env,
         "resources": _resources(stage.resources),
@@ -428,7 +452,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     ]
     if spec.model.served_name is not None:
         args += ["--served-model-name", spec.model.served_name]
-    args += _family_args(spec)
+    args += _family_args(spec) + _transport_args(spec)
     container: dict[str, Any] = {
         "name": "gateway",
         "image": gw.image,
@@ -436,6 +460,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         "ports": [
             {"name": "http", "containerPort": gw.port},
             {"name": "grpc", "containerPort": GRPC_PORT},
+            *_transport_ports(spec),
         ],
         "env": env,
         "securityContext": _security_context(),

@@ -7,7 +7,7 @@ operator checks every rule itself and reports the problems by field path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,16 @@ FAMILIES = ("auto", "unet", "sd3", "flux", "sdxl", "qwen-image", "wan", "wan-i2v
 # and the family each means now.
 FAMILY_ALIASES = {"mmdit": "sd3"}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TRANSPORTS = ("grpc",)
+# spec.transport.backend: how tensor bytes move between pods (`--transport NAME` on every
+# worker and the gateway); the keys each backend's options may set (`--transport-option`).
+# The worker's transport registry names the same (tests/worker/test_transports.py).
+TRANSPORT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "grpc": ("chunk_bytes",),
+    "shm": ("dir",),
+    "torch": ("host", "store_port", "timeout_s", "connect_timeout_s"),
+    "nixl": ("ucx_tls", "poll_sleep_us", "timeout_s"),
+}
+TRANSPORTS = tuple(TRANSPORT_OPTIONS)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 DEFAULT_QUEUE_CAPACITY = 2
 # The families whose gateway serves the Videos API (durable jobs in a job store).
@@ -224,6 +233,41 @@ class _Reader:
             self.problems.append(f"{path}: values must be strings")
             return {}
         return value
+
+
+def _transport(r: _Reader, t: Mapping[str, Any]) -> TransportSpec:
+    backend = r.str_(t, "backend", "spec.transport.backend", "grpc", TRANSPORTS) or "grpc"
+    options = r.str_map(t, "options", "spec.transport.options")
+    known = TRANSPORT_OPTIONS.get(backend, ())
+    for key in sorted(set(options) - set(known)):
+        r.problems.append(
+            f"spec.transport.options.{key}: not an option of the {backend} transport"
+            f" (it has: {', '.join(known)})"
+        )
+    for key, check in _NUMERIC_OPTIONS.items():
+        if key in options and not check(options[key]):
+            r.problems.append(f"spec.transport.options.{key}: invalid value {options[key]!r}")
+            options = {k: v for k, v in options.items() if k != key}
+    return TransportSpec(backend=backend, options=options)
+
+
+def _number_in(low: float, high: float, kind: type = float) -> Callable[[str], bool]:
+    def check(text: str) -> bool:
+        try:
+            return low <= kind(text) <= high
+        except ValueError:
+            return False
+
+    return check
+
+
+_NUMERIC_OPTIONS: dict[str, Callable[[str], bool]] = {
+    "store_port": _number_in(1, 65535, int),
+    "chunk_bytes": _number_in(1, 8 << 20, int),
+    "timeout_s": _number_in(0.001, 86400),
+    "connect_timeout_s": _number_in(0.001, 86400),
+    "poll_sleep_us": _number_in(0, 1e6),
+}
 
 
 def _family(r: _Reader, m: Mapping[str, Any]) -> str:
@@ -533,11 +577,7 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
         name: _stage(r, name, r.obj(raw_stages, name, f"spec.stages.{name}"), image)
         for name in STAGES
     }
-    t = r.obj(spec, "transport", "spec.transport")
-    transport = TransportSpec(
-        backend=r.str_(t, "backend", "spec.transport.backend", "grpc", TRANSPORTS) or "grpc",
-        options=r.str_map(t, "options", "spec.transport.options"),
-    )
+    transport = _transport(r, r.obj(spec, "transport", "spec.transport"))
     gateway = _gateway(r, spec, image, model)
     autoscaling = _autoscaling(r, r.obj(spec, "autoscaling", "spec.autoscaling"), stages)
     if r.problems:

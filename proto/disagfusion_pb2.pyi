@@ -11,8 +11,14 @@ class TensorLocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TENSOR_LOCATION_UNSPECIFIED: _ClassVar[TensorLocation]
     INLINE: _ClassVar[TensorLocation]
+    SHM: _ClassVar[TensorLocation]
+    TORCH: _ClassVar[TensorLocation]
+    NIXL: _ClassVar[TensorLocation]
 TENSOR_LOCATION_UNSPECIFIED: TensorLocation
 INLINE: TensorLocation
+SHM: TensorLocation
+TORCH: TensorLocation
+NIXL: TensorLocation
 
 class GenerationParams(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed", "num_images", "num_frames", "fps", "keep_frames")
@@ -41,18 +47,20 @@ class GenerationParams(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., num_frames: _Optional[int] = ..., fps: _Optional[int] = ..., keep_frames: _Optional[bool] = ...) -> None: ...
 
 class TensorMeta(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "nbytes", "location")
+    __slots__ = ("name", "shape", "dtype", "nbytes", "location", "handle")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     nbytes: int
     location: TensorLocation
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., nbytes: _Optional[int] = ..., location: _Optional[_Union[TensorLocation, str]] = ...) -> None: ...
+    handle: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., nbytes: _Optional[int] = ..., location: _Optional[_Union[TensorLocation, str]] = ..., handle: _Optional[bytes] = ...) -> None: ...
 
 class WorkHeader(_message.Message):
     __slots__ = ("request_id", "pipeline", "model", "params", "tensors", "deadline_unix", "reply_to", "error", "error_code", "source_stage")
@@ -94,10 +102,12 @@ class Ack(_message.Message):
         RECEIVED: _ClassVar[Ack.Status]
         DONE: _ClassVar[Ack.Status]
         REJECTED: _ClassVar[Ack.Status]
+        FETCHING: _ClassVar[Ack.Status]
     STATUS_UNSPECIFIED: Ack.Status
     RECEIVED: Ack.Status
     DONE: Ack.Status
     REJECTED: Ack.Status
+    FETCHING: Ack.Status
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -117,7 +127,14 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("stage", "model", "ready", "draining", "queue_depth", "in_flight", "queue_capacity", "outbox_depth", "service_time_ewma_s", "completed_total")
+    __slots__ = ("stage", "model", "ready", "draining", "queue_depth", "in_flight", "queue_capacity", "outbox_depth", "service_time_ewma_s", "completed_total", "transports", "transport_endpoints")
+    class TransportEndpointsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +145,8 @@ class HealthReply(_message.Message):
     OUTBOX_DEPTH_FIELD_NUMBER: _ClassVar[int]
     SERVICE_TIME_EWMA_S_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     model: str
     ready: bool
@@ -138,7 +157,9 @@ class HealthReply(_message.Message):
     outbox_depth: int
     service_time_ewma_s: float
     completed_total: int
-    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., service_time_ewma_s: _Optional[float] = ..., completed_total: _Optional[int] = ...) -> None: ...
+    transports: _containers.RepeatedScalarFieldContainer[str]
+    transport_endpoints: _containers.ScalarMap[str, str]
+    def __init__(self, stage: _Optional[str] = ..., model: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., queue_depth: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., outbox_depth: _Optional[int] = ..., service_time_ewma_s: _Optional[float] = ..., completed_total: _Optional[int] = ..., transports: _Optional[_Iterable[str]] = ..., transport_endpoints: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ProgressReport(_message.Message):
     __slots__ = ("request_id", "stage", "step", "total")

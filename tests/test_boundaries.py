@@ -97,9 +97,7 @@ def test_policy_module_imports_no_io(module: str) -> None:
     ("folder", "other"),
     [("worker", "disagfusion.operator"), ("operator", "disagfusion.worker")],
 )
-def test_the_data_plane_and_the_controller_never_import_each_other(
-    folder: str, other: str
-) -> None:
+def test_the_data_plane_and_the_controller_never_import_each_other(folder: str, other: str) -> None:
     crossing = {
         module: sorted(n for n in imports(REPO / module) if n == other or n.startswith(other + "."))
         for module in _modules(folder)

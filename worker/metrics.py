@@ -132,7 +132,7 @@ class HandoffMetrics:
     """Bytes and seconds moved between hops, shared by stages and the gateway."""
 
     def __init__(self, registry: CollectorRegistry, stage: str, pipeline: str) -> None:
-        names = ["stage", "pipeline", "direction"]
+        names = ["stage", "pipeline", "direction", "transport"]
         self._labels = {"stage": stage, "pipeline": pipeline}
         self.bytes = Counter(
             "disagfusion_handoff_bytes_total",
@@ -153,14 +153,26 @@ class HandoffMetrics:
             ["stage", "pipeline", "reason"],
             registry=registry,
         )
+        self.fallbacks = Counter(
+            "disagfusion_handoff_fallbacks_total",
+            "Hand-offs sent with grpc because the receiver does not accept (not_accepted) "
+            "or cannot be reached with (unreachable) the configured transport.",
+            ["stage", "pipeline", "transport", "reason"],
+            registry=registry,
+        )
 
-    def sent(self, nbytes: int, seconds: float) -> None:
-        self.bytes.labels(**self._labels, direction="sent").inc(nbytes)
-        self.seconds.labels(**self._labels, direction="sent").observe(seconds)
+    def sent(self, nbytes: int, seconds: float, transport: str = "grpc") -> None:
+        labels = {**self._labels, "direction": "sent", "transport": transport}
+        self.bytes.labels(**labels).inc(nbytes)
+        self.seconds.labels(**labels).observe(seconds)
 
-    def received(self, nbytes: int, seconds: float) -> None:
-        self.bytes.labels(**self._labels, direction="received").inc(nbytes)
-        self.seconds.labels(**self._labels, direction="received").observe(seconds)
+    def received(self, nbytes: int, seconds: float, transport: str = "grpc") -> None:
+        labels = {**self._labels, "direction": "received", "transport": transport}
+        self.bytes.labels(**labels).inc(nbytes)
+        self.seconds.labels(**labels).observe(seconds)
+
+    def fallback(self, transport: str, reason: str) -> None:
+        self.fallbacks.labels(**self._labels, transport=transport, reason=reason).inc()
 
     def retry(self, reason: str) -> None:
         self.retries.labels(**self._labels, reason=reason).inc()

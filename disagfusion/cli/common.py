@@ -120,6 +120,48 @@ def add_handoff_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+TRANSPORTS = ("grpc", "shm", "torch", "nixl")  # worker/transport BACKENDS
+
+
+def add_transport_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="grpc",
+        help="how tensor bytes move to the next hop: grpc (inline, anywhere), shm (same "
+        "host), torch (torch.distributed: gloo, NCCL between GPUs), nixl (UCX); a receiver "
+        "that does not accept it gets grpc",
+    )
+    p.add_argument(
+        "--transport-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_key_value,
+        help="a setting of the --transport backend (repeatable)",
+    )
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def transport_settings(args: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """--transport and its options, checked (SystemExit with the reason when the
+    backend cannot run here or an option is unknown)."""
+    from disagfusion.worker.transport import TransportUnavailable, check_options
+
+    options = dict(args.transport_option)
+    try:
+        check_options(args.transport, options)
+    except (ValueError, TransportUnavailable) as err:
+        raise SystemExit(f"error: --transport: {err}") from None
+    return args.transport, options
+
+
 def handoff_delay(args: argparse.Namespace) -> HandoffDelay:
     from disagfusion.worker.runtime.sender import HandoffDelay
 

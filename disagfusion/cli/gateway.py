@@ -16,12 +16,14 @@ from disagfusion.cli.common import (
     add_job_store_args,
     add_model_args,
     add_served_name,
+    add_transport_args,
     handoff_delay,
     non_negative_float,
     port,
     positive_float,
     positive_int,
     require_extra,
+    transport_settings,
 )
 from disagfusion.worker.params import STAGES
 
@@ -78,6 +80,7 @@ def register(sub: Any) -> None:
         help="seconds a video job may run before it fails",
     )
     add_handoff_args(g)
+    add_transport_args(g)
     g.set_defaults(func=_cmd_gateway)
 
 
@@ -90,6 +93,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: --topology: {err}", file=sys.stderr)
         return 2
+    transport, transport_options = transport_settings(args)
     return asyncio.run(
         run_gateway(
             GatewayOptions(
@@ -113,6 +117,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 job_store=args.job_store or "",
                 video_retention_s=args.video_retention,
                 video_timeout_s=args.video_timeout,
+                transport=transport,
+                transport_options=transport_options,
             )
         )
     )

@@ -20,11 +20,13 @@ from disagfusion.cli.common import (
     add_job_store_args,
     add_model_args,
     add_served_name,
+    add_transport_args,
     non_negative_float,
     port,
     positive_float,
     positive_int,
     require_extra,
+    transport_settings,
 )
 
 
@@ -103,6 +105,7 @@ def register(sub: Any) -> None:
         " (default: rough CPU costs of builtin:tiny-unet, corrected by feedback)",
     )
     add_handoff_args(s)
+    add_transport_args(s)
     s.set_defaults(func=_cmd_serve)
 
 
@@ -134,6 +137,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: port {args.port} is in use; pick another with --port", file=sys.stderr)
         return 2
     info = describe_model(args.model, family=args.family)
+    transport, transport_options = transport_settings(args)
     cluster = LocalCluster(
         LocalOptions(
             model=args.model,
@@ -145,6 +149,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             overlap=not args.no_overlap,
             handoff_delay_ms=args.handoff_delay_ms,
             handoff_jitter_ms=args.handoff_jitter_ms,
+            transport=transport,
+            transport_options=transport_options,
             threads=args.threads,
             max_waiting=args.max_queue,
             log_dir=args.log_dir,

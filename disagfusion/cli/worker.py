@@ -10,11 +10,13 @@ from disagfusion.cli.common import (
     HELP,
     add_handoff_args,
     add_model_args,
+    add_transport_args,
     handoff_delay,
     non_negative_float,
     port,
     positive_int,
     require_extra,
+    transport_settings,
 )
 from disagfusion.worker.params import ROLES
 
@@ -60,6 +62,7 @@ def register(sub: Any) -> None:
         help="seconds a SIGTERMed worker may spend finishing what it holds",
     )
     add_handoff_args(w)
+    add_transport_args(w)
     w.set_defaults(func=_cmd_worker)
 
 
@@ -67,6 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     require_extra("worker")
     from disagfusion.worker.runtime.serve import WorkerOptions, run_worker
 
+    transport, transport_options = transport_settings(args)
     opts = WorkerOptions(
         role=args.role,
         model=args.model,
@@ -83,6 +87,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         handoff_delay=handoff_delay(args),
         threads=args.threads,
         drain_timeout_s=args.drain_timeout,
+        transport=transport,
+        transport_options=transport_options,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
         raise SystemExit(f"error: --next is required for the {opts.role} stage")

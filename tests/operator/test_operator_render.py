@@ -130,6 +130,14 @@ def test_replicas_alone_widen_max() -> None:
         (spec(stages={"denoiser": {"replicas": "two"}}), "spec.stages.denoiser.replicas"),
         (spec(stages={"vae": {}}), "spec.stages.vae"),
         (spec(transport={"backend": "carrier-pigeon"}), "spec.transport.backend"),
+        (
+            spec(transport={"backend": "shm", "options": {"chunk_bytes": "1"}}),
+            "spec.transport.options.chunk_bytes",
+        ),
+        (
+            spec(transport={"backend": "torch", "options": {"store_port": "http"}}),
+            "spec.transport.options.store_port",
+        ),
         (spec(autoscaling={"mode": "Sometimes"}), "spec.autoscaling.mode"),
         (spec(autoscaling={"profile": "builtin:nope"}), "spec.autoscaling.profile"),
         (spec(autoscaling={"profile": "qwen"}), "spec.autoscaling.profile"),
@@ -500,6 +508,27 @@ def test_worker_statefulset() -> None:
     svc = children["Service/sd-denoiser"]
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_the_transport_reaches_every_pod_as_flags_the_pods_read() -> None:
+    from disagfusion.cli.common import transport_settings
+
+    s = parse_spec(spec(transport={"backend": "torch", "options": {"timeout_s": "5"}}))
+    children = by_name(render_all(OWNER, s))
+    workloads = [k for k in children if k.split("/")[0] in ("StatefulSet", "Deployment")]
+    assert len(workloads) == 4
+    for key in workloads:
+        c = container(children[key])
+        args = build_parser().parse_args(c["args"])
+        assert transport_settings(args) == (
+            "torch",
+            {"store_port": "29500", "timeout_s": "5"},
+        ), key
+        assert {"name": "torch-store", "containerPort": 29500} in c["ports"], key
+    # The default passes nothing: every pod runs grpc.
+    plain = by_name(render_all(OWNER, parse_spec(spec())))
+    for key in workloads:
+        assert "--transport" not in container(plain[key])["args"], key
 
 
 def test_gateway_and_topology() -> None:

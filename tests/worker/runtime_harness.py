@@ -37,6 +37,7 @@ from disagfusion.worker.runtime.payload import (
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.sender import Sender
 from disagfusion.worker.runtime.stage import RuntimeConfig, StageRuntime, start_grpc_server
+from disagfusion.worker.transport.wire import Transports
 
 HOST = "127.0.0.1"
 WAIT_S = 10.0
@@ -242,6 +243,8 @@ class Cluster:
         queue_capacity: int = 2,
         input_error: type[Exception] = ValueError,
         port: int | None = None,
+        transport: str = "grpc",
+        transport_options: dict[str, str] | None = None,
     ) -> Stage:
         runtime = StageRuntime(
             RuntimeConfig(
@@ -251,6 +254,8 @@ class Cluster:
                 queue_capacity=queue_capacity,
                 overlap=overlap,
                 drain_timeout_s=WAIT_S,
+                transport=transport,
+                transport_options=transport_options or {},
             ),
             input_error=input_error,
         )
@@ -266,16 +271,24 @@ class Cluster:
         self.streams.append(stream)
         return stream
 
-    def sender(self, addrs: list[str]) -> tuple[Sender, PeerPool]:
+    def sender(
+        self,
+        addrs: list[str],
+        transports: Transports | None = None,
+        metrics: HandoffMetrics | None = None,
+    ) -> tuple[Sender, PeerPool]:
         pool = PeerPool("next", addrs, self.channels, poll_interval_s=0.05)
         pool.start()
         sender = Sender(
             "upstream",
             self.channels,
-            HandoffMetrics(CollectorRegistry(), "upstream", PIPELINE),
+            metrics or HandoffMetrics(CollectorRegistry(), "upstream", PIPELINE),
             pool=pool,
+            transports=transports,
         )
         self.closers += [sender.close, pool.stop]
+        if transports is not None:
+            self.closers.append(transports.close)
         return sender, pool
 
     async def close(self) -> None:

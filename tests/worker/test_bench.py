@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from disagfusion.cli.common import add_transport_args
 from disagfusion.worker.local.bench import (
     MODES,
     BenchParams,
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     # As disagfusion/cli.py creates the subparser: every flag shows its default.
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_bench_args(p)
+    add_transport_args(p)
     return p
 
 
@@ -69,6 +71,7 @@ def test_report_is_params_once_then_one_result_per_mode() -> None:
         "handoff_delay_ms": 5.0,
         "handoff_delay_auto": False,
         "handoff_jitter_ms": 1.5,
+        "transport": "grpc",
     }
 
 

@@ -22,6 +22,7 @@ from disagfusion.worker.probes import start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
 from disagfusion.worker.runtime.peers import SERVER_OPTIONS
 from disagfusion.worker.runtime.sender import HandoffDelay
+from disagfusion.worker.transport.inline_wire import add_stage_servicer
 
 if TYPE_CHECKING:
     from disagfusion.worker.gateway.jobs import JobManager
@@ -56,6 +57,8 @@ class GatewayOptions:
     job_store: str = ""
     video_retention_s: float = 86400.0
     video_timeout_s: float = 3600.0
+    transport: str = "grpc"
+    transport_options: dict[str, str] = field(default_factory=dict)
 
 
 def limits_for(
@@ -167,10 +170,12 @@ async def run_gateway(opts: GatewayOptions) -> int:
             api_key=opts.api_key,
             handoff_delay=opts.handoff_delay,
             video=info.is_video,
+            transport=opts.transport,
+            transport_options=opts.transport_options,
         )
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_StageServicer_to_server(gateway, server)
+    add_stage_servicer(gateway, server)  # results' bytes parsed without copies
     pb_grpc.add_GatewayServicer_to_server(GatewayGrpc(gateway), server)
     if server.add_insecure_port(f"{opts.host}:{opts.grpc_port}") == 0:
         raise OSError(f"cannot listen on {opts.host}:{opts.grpc_port}")

@@ -40,10 +40,11 @@ from disagfusion.worker.runtime.payload import (
     PayloadError,
     payload_from,
     read_header,
-    read_tensors,
 )
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
+from disagfusion.worker.transport.base import DescriptorError, TransferError
+from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class GatewayConfig:
     api_key: str | None = None
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
     video: bool = False  # a video model: the Videos API serves it, not the Images API
+    transport: str = "grpc"  # how results reach us (and prompts leave), where peers accept it
+    transport_options: dict[str, str] = field(default_factory=dict)
 
 
 class Gateway(pb_grpc.StageServicer):
@@ -110,6 +113,7 @@ class Gateway(pb_grpc.StageServicer):
         self.metrics = GatewayMetrics(config.pipeline, config.model)
         self._clock = clock
         self._channels = ChannelCache()
+        self.transports = Transports.open(config.transport, config.transport_options)
         self._pools = {
             stage: PeerPool(stage, addrs, self._channels)
             for stage, addrs in config.stage_addrs.items()
@@ -122,6 +126,7 @@ class Gateway(pb_grpc.StageServicer):
             delay=config.handoff_delay,
             on_failure=self._dispatch_failed,
             clock=clock,
+            transports=self.transports,
         )
         self._pending: dict[str, asyncio.Future[GeneratedImages]] = {}
         self._started: dict[str, float] = {}
@@ -164,6 +169,7 @@ class Gateway(pb_grpc.StageServicer):
         for pool in self._pools.values():
             await pool.stop()
         await self._channels.close()
+        await self.transports.close()
 
     def readiness(self) -> tuple[bool, str]:
         if self.draining:
@@ -328,13 +334,14 @@ class Gateway(pb_grpc.StageServicer):
 
     async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthReply:
         ready, _ = self.readiness()
-        return pb.HealthReply(
+        reply = pb.HealthReply(
             stage="gateway",
             model=self.config.model,
             ready=ready,
             queue_depth=self._waiting,
             in_flight=len(self._pending),
         )
+        return self.transports.advertise(reply)
 
     async def Progress(self, request: pb.ProgressReport, context: object) -> pb.ProgressReply:
         """A stage's step count; a request that ended (answered, deleted, timed
@@ -355,14 +362,27 @@ class Gateway(pb_grpc.StageServicer):
         try:
             header = await read_header(stream)
             if header.request_id in self._pending:
-                result = payload_from(header, await read_tensors(header, stream))
-                self.metrics.handoff.received(result.nbytes, time.perf_counter() - started)
+                backend = accept(self.transports, header)
+                if backend.pushes:
+                    yield pb.Ack(request_id=header.request_id, status=pb.Ack.FETCHING)
+                result = payload_from(header, await fetch_tensors(backend, header, stream))
+                self.metrics.handoff.received(
+                    result.nbytes, time.perf_counter() - started, backend.name
+                )
                 self._resolve(result)
-        except PayloadError as err:
+        except (PayloadError, DescriptorError) as err:
             yield pb.Ack(
                 request_id=header.request_id,
                 status=pb.Ack.REJECTED,
                 reason=f"invalid payload: {err}",
+            )
+            return
+        except TransferError as err:
+            yield pb.Ack(
+                request_id=header.request_id,
+                status=pb.Ack.REJECTED,
+                reason=f"transfer failed: {err}",
+                retryable=True,
             )
             return
         # Unknown ids are requests that already ended: acknowledge so the sender stops.

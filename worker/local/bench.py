@@ -63,6 +63,7 @@ class BenchParams:
     handoff_delay_ms: float  # applied to async and sync (monolithic has no hand-off)
     handoff_delay_auto: bool  # the delay came from --handoff-delay-ms auto
     handoff_jitter_ms: float
+    transport: str = "grpc"  # how async and sync move tensors between stages
 
 
 def bench_params(args: argparse.Namespace, delay_ms: float) -> BenchParams:
@@ -81,6 +82,7 @@ def bench_params(args: argparse.Namespace, delay_ms: float) -> BenchParams:
         handoff_delay_ms=delay_ms,
         handoff_delay_auto=args.handoff_delay_ms == "auto",
         handoff_jitter_ms=args.handoff_jitter_ms,
+        transport=args.transport,
     )
 
 
@@ -155,6 +157,8 @@ def run_mode(
         overlap=mode != "sync",
         handoff_delay_ms=delay_ms if mode != "monolithic" else 0.0,
         handoff_jitter_ms=args.handoff_jitter_ms if mode != "monolithic" else 0.0,
+        transport=args.transport,
+        transport_options=dict(args.transport_option),
         threads=args.threads,
         max_waiting=max(32, args.concurrency * 2),
         log_dir=log_dir / mode,

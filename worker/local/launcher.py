@@ -99,6 +99,8 @@ class LocalOptions:
     overlap: bool = True
     handoff_delay_ms: float = 0.0
     handoff_jitter_ms: float = 0.0
+    transport: str = "grpc"  # every process sends with it (grpc where a peer lacks it)
+    transport_options: dict[str, str] = field(default_factory=dict)
     queue_capacity: int = 2
     threads: int | None = None  # torch threads per worker; None: share the cores
     max_waiting: int = 32
@@ -159,6 +161,7 @@ class LocalCluster:
         self._restart_at: dict[str, float] = {}  # name -> when to start it again
         self._stopping = False
         self._hurry = threading.Event()  # a second stop signal: kill instead of draining
+        self._dead_pids: list[int] = []  # processes replaced by a restart
 
     @property
     def url(self) -> str:
@@ -172,6 +175,10 @@ class LocalCluster:
     def _common_args(self, delay: bool = True) -> list[str]:
         o = self.opts
         args = ["--model", o.model, "--family", o.family, "--pipeline", o.pipeline]
+        if o.transport != "grpc":
+            args += ["--transport", o.transport]
+            for key, value in o.transport_options.items():
+                args += ["--transport-option", f"{key}={value}"]
         if delay and (o.handoff_delay_ms or o.handoff_jitter_ms):
             args += [
                 "--handoff-delay-ms",
@@ -268,6 +275,8 @@ class LocalCluster:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
+        if child.proc is not None:
+            self._dead_pids.append(child.proc.pid)
         out = None
         if self.opts.log_dir:
             child.log_path = self.opts.log_dir / f"{child.name}.log"
@@ -415,6 +424,19 @@ class LocalCluster:
                 phases.append((kids + leaving, STAGE_STOP_TIMEOUT_S))
         for children, timeout_s in phases:
             self._stop_phase(children, timeout_s)
+        if self.opts.transport == "shm":
+            self._remove_shared_memory()
+
+    def _remove_shared_memory(self) -> None:
+        """Segments a killed child published and nobody fetched (a clean exit
+        removes its own): gone once the whole pipeline has stopped."""
+        from disagfusion.worker.transport.shm import remove_segments_of
+
+        pids = {c.proc.pid for c in self.children + self.draining if c.proc is not None}
+        pids |= set(self._dead_pids)
+        removed = remove_segments_of(pids)
+        if removed:
+            self._report(f"removed {removed} shared memory segment(s) left by killed workers")
 
     def hurry(self) -> None:
         """Make a running `stop` kill what is left instead of waiting for it to drain."""

@@ -1,7 +1,8 @@
 """A unit of work between hops: header fields plus named tensors.
 
-Tensors travel as raw bytes in DataChunk messages after the header (the gRPC
-streaming transport); the header says each tensor's name, shape and dtype.
+The header says each tensor's name, shape, dtype and where its bytes are; a
+transport (worker/transport) moves the bytes: inline DataChunk messages after
+the header by default.
 """
 
 from __future__ import annotations
@@ -14,25 +15,21 @@ import torch
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.worker.params import GenerationParams
+from disagfusion.worker.transport.base import (
+    DTYPES,
+    MAX_HANDLE_BYTES,
+    DescriptorError,
+    TransferError,
+    host_bytes,
+    meta_for,
+)
+from disagfusion.worker.transport.grpc import CHUNK_BYTES, GrpcBackend
+from disagfusion.worker.transport.wire import inline_data
 
-CHUNK_BYTES = 1 << 20  # 1 MiB: measured fastest for gRPC streams here
+_INLINE = GrpcBackend()
+_LOCATIONS = frozenset(v for v in pb.TensorLocation.values() if v)
+
 MAX_PAYLOAD_BYTES = 4 << 30
-
-_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, name)
-    for name in (
-        "float32",
-        "float16",
-        "bfloat16",
-        "float64",
-        "uint8",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "bool",
-    )
-}
 
 
 class PayloadError(ValueError):
@@ -94,23 +91,11 @@ def params_from_proto(m: pb.GenerationParams) -> GenerationParams:
     )
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    array = flat.view(torch.uint8).numpy()
-    return memoryview(array.data).cast("B")
-
-
-def header_of(payload: Payload) -> pb.WorkHeader:
-    metas = [
-        pb.TensorMeta(
-            name=name,
-            shape=list(t.shape),
-            dtype=str(t.dtype).removeprefix("torch."),
-            nbytes=t.numel() * t.element_size(),
-            location=pb.INLINE,
-        )
-        for name, t in payload.tensors.items()
-    ]
+def header_of(payload: Payload, metas: list[pb.TensorMeta] | None = None) -> pb.WorkHeader:
+    """The payload's header; `metas` are what a transport published (INLINE
+    descriptors when not given)."""
+    if metas is None:
+        metas = [meta_for(name, t, pb.INLINE) for name, t in payload.tensors.items()]
     return pb.WorkHeader(
         request_id=payload.request_id,
         pipeline=payload.pipeline,
@@ -126,9 +111,9 @@ def header_of(payload: Payload) -> pb.WorkHeader:
 
 
 def data_chunks(payload: Payload, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.WorkChunk]:
-    """The tensor bytes, in header order, cut into chunks."""
+    """The tensor bytes inline, in header order, cut into chunks (the grpc transport)."""
     for t in payload.tensors.values():
-        view = _tensor_bytes(t)
+        view = host_bytes(t)
         for start in range(0, len(view), chunk_bytes):
             yield pb.WorkChunk(data=bytes(view[start : start + chunk_bytes]))
 
@@ -143,13 +128,15 @@ def validate_header(h: pb.WorkHeader) -> None:
         if meta.name in names:
             raise PayloadError(f"tensor {meta.name!r} appears twice")
         names.add(meta.name)
-        if meta.dtype not in _DTYPES:
+        if meta.dtype not in DTYPES:
             raise PayloadError(f"tensor {meta.name!r} has unsupported dtype {meta.dtype!r}")
-        if meta.location != pb.INLINE:
-            raise PayloadError(f"tensor {meta.name!r}: only INLINE tensors are supported")
+        if meta.location not in _LOCATIONS:
+            raise PayloadError(f"tensor {meta.name!r} has unknown location {meta.location}")
+        if len(meta.handle) > MAX_HANDLE_BYTES:
+            raise PayloadError(f"tensor {meta.name!r}: handle of {len(meta.handle)} bytes")
         if any(d < 0 for d in meta.shape):
             raise PayloadError(f"tensor {meta.name!r} has a negative dimension")
-        expected = math.prod(meta.shape) * _DTYPES[meta.dtype].itemsize
+        expected = math.prod(meta.shape) * DTYPES[meta.dtype].itemsize
         if meta.nbytes != expected:
             raise PayloadError(
                 f"tensor {meta.name!r}: nbytes {meta.nbytes} != {expected} for its shape/dtype"
@@ -178,33 +165,11 @@ def expected_bytes(h: pb.WorkHeader) -> int:
 async def read_tensors(
     h: pb.WorkHeader, chunks: AsyncIterator[pb.WorkChunk]
 ) -> dict[str, torch.Tensor]:
-    """Read exactly the header's bytes from the stream and rebuild the tensors."""
-    need = expected_bytes(h)
-    buf = bytearray(need)
-    got = 0
-    while got < need:
-        try:
-            msg = await chunks.__anext__()
-        except StopAsyncIteration:
-            raise PayloadError(f"stream ended after {got} of {need} bytes") from None
-        if msg.WhichOneof("kind") != "data":
-            raise PayloadError("a second header arrived inside a payload")
-        if got + len(msg.data) > need:
-            raise PayloadError(f"stream sent more than the {need} bytes its header announced")
-        buf[got : got + len(msg.data)] = msg.data
-        got += len(msg.data)
-    tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if need else torch.empty(0, dtype=torch.uint8)
-    for meta in h.tensors:
-        dtype = _DTYPES[meta.dtype]
-        part = raw[offset : offset + meta.nbytes]
-        if offset % dtype.itemsize:
-            # A view as a wider dtype must start at a multiple of its size.
-            part = part.clone()
-        offset += meta.nbytes
-        tensors[meta.name] = part.view(dtype).reshape(tuple(meta.shape))
-    return tensors
+    """Read an INLINE payload's bytes from the stream (the grpc transport)."""
+    try:
+        return await _INLINE.fetch(h.request_id, h.tensors, inline_data(chunks))
+    except (DescriptorError, TransferError) as err:
+        raise PayloadError(str(err)) from None
 
 
 def payload_from(h: pb.WorkHeader, tensors: dict[str, torch.Tensor]) -> Payload:

@@ -14,12 +14,26 @@ from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.runtime.aio import cancel_all, raise_if_cancelled
 from disagfusion.worker.runtime.dispatch import InstanceLoad, choose_instance
+from disagfusion.worker.transport.base import Peer
+from disagfusion.worker.transport.inline_wire import submit_method
+from disagfusion.worker.transport.wire import peer_from_health
 
 log = logging.getLogger(__name__)
 
+# Large socket reads for inline tensor bytes: measured about 2x the default
+# throughput for payloads of tens of MiB on loopback (ENVIRONMENT.md).
+_READ_CHUNKS = [
+    ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+    ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
+    # A stream's initial flow-control window: the default 64 KiB makes a new
+    # stream crawl through its first megabytes while BDP probing grows it.
+    ("grpc.http2.lookahead_bytes", 16 << 20),
+]
 # Keepalive so a peer that vanishes without closing its socket (node lost)
 # breaks the open custody streams within seconds, which triggers a retry.
 CHANNEL_OPTIONS = [
+    *_READ_CHUNKS,
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -30,6 +44,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 SERVER_OPTIONS = [
+    *_READ_CHUNKS,
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
@@ -50,7 +65,9 @@ class ChannelCache:
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
-        return pb_grpc.StageStub(channel)
+        stub = pb_grpc.StageStub(channel)
+        stub.Submit = submit_method(channel)  # inline bytes without protobuf copies
+        return stub
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -68,6 +85,7 @@ class _PeerState:
     queue_depth: int = 0
     queue_capacity: int = 1
     reserved: int = 0
+    peer: Peer | None = None  # what it accepts, from its last Health reply
 
 
 class PeerPool:
@@ -121,6 +139,13 @@ class PeerPool:
             for p in self._peers.values()
         ]
 
+    def peer(self, address: str) -> Peer:
+        """`address` with the transports it accepts (grpc only until it answered Health)."""
+        state = self._peers.get(address)
+        if state is None or state.peer is None:
+            return Peer(address)
+        return state.peer
+
     def pick(self, exclude: set[str]) -> str | None:
         self._turn += 1
         return choose_instance(self.loads(), exclude, self._turn)
@@ -169,5 +194,6 @@ class PeerPool:
                 peer.queue_depth = reply.queue_depth
                 peer.in_flight = reply.in_flight
                 peer.queue_capacity = reply.queue_capacity
+                peer.peer = peer_from_health(address, reply)
             self._changed.set()
             await asyncio.sleep(self._poll_interval_s)

@@ -5,6 +5,10 @@ own upstream can be released); a background task keeps the stream open until
 the instance answers DONE, and if the stream breaks first (the instance died)
 it hands the payload to another instance. Duplicates that this may create are
 suppressed downstream by request id.
+
+The tensor bytes go by the process's transport where the receiver accepts it
+(grpc otherwise, counted as a fallback); whatever an attempt published is
+released when the attempt ends, since the custody copy is the payload itself.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ import grpc
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.worker.metrics import HandoffMetrics
 from disagfusion.worker.runtime.aio import cancel_all, raise_if_cancelled
-from disagfusion.worker.runtime.payload import Payload, data_chunks, header_of
+from disagfusion.worker.runtime.payload import Payload, header_of
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
+from disagfusion.worker.transport.base import Backend, Outgoing, Peer, TransferError
+from disagfusion.worker.transport.wire import Transports, peer_from_health, write_payload
 
 log = logging.getLogger(__name__)
 
 # How long to wait before trying again when every instance refused or is down.
 RETRY_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
+# How long a reply_to address's advertised transports are trusted before asking again.
+REPLY_PEER_TTL_S = 30.0
 
 
 class DeliveryFailed(Exception):
@@ -75,8 +83,11 @@ class Sender:
         delay: HandoffDelay = HandoffDelay(),
         on_failure: FailureHandler | None = None,
         clock: Callable[[], float] = time.time,
+        transports: Transports | None = None,
     ) -> None:
         self.stage = stage
+        self._transports = transports or Transports.open("grpc")
+        self._reply_peers: dict[str, tuple[float, Peer]] = {}
         self._channels = channels
         self._metrics = metrics
         self._pool = pool
@@ -162,18 +173,62 @@ class Sender:
             return None if payload.reply_to in refused else payload.reply_to
         return self._pool.pick(refused)
 
+    async def _peer(self, address: str) -> Peer:
+        """What `address` accepts: from the pool's health polls, or for a
+        reply_to address (no pool) from one Health call, cached."""
+        if self._pool is not None:
+            return self._pool.peer(address)
+        if self._transports.preferred.name == "grpc":
+            return Peer(address)
+        cached = self._reply_peers.get(address)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < REPLY_PEER_TTL_S:
+            return cached[1]
+        try:
+            reply = await self._channels.stub(address).Health(pb.HealthRequest(), timeout=1.0)
+            peer = peer_from_health(address, reply)
+        except grpc.aio.AioRpcError:
+            raise_if_cancelled()
+            peer = Peer(address)
+        self._reply_peers[address] = (now, peer)
+        return peer
+
+    async def _publish(self, address: str, payload: Payload) -> tuple[Backend, Outgoing]:
+        peer = await self._peer(address)
+        backend, why = self._transports.choose(peer)
+        if not why:
+            try:
+                return backend, await backend.publish(payload.request_id, payload.tensors, peer)
+            except (TransferError, ValueError, OSError) as err:
+                # Shared memory full, a registration refused: this attempt goes inline.
+                log.warning("%s could not publish with %s: %s", self.stage, backend.name, err)
+                why = "publish_failed"
+        self._metrics.fallback(self._transports.preferred.name, why)
+        backend = self._transports.grpc
+        return backend, await backend.publish(payload.request_id, payload.tensors, peer)
+
     async def _attempt(
         self, address: str, payload: Payload, received: asyncio.Future[None]
     ) -> tuple[_Outcome, str]:
+        backend, outgoing = await self._publish(address, payload)
         call = self._channels.stub(address).Submit()
         if self._pool is not None:
             self._pool.reserve(address)
         reserved = self._pool is not None
         started = time.perf_counter()
-        writer = asyncio.create_task(self._write(call, payload))
+        header = header_of(payload, outgoing.metas)
+        writer = asyncio.create_task(
+            write_payload(call, header, outgoing, self._delay.sample(self._rng))
+        )
+        pushing: asyncio.Task[None] | None = None
         try:
             ack = await call.read()
+            if ack is not grpc.aio.EOF and ack.status == pb.Ack.FETCHING:
+                # A pushing backend sends now; a failed push shows as the receiver's answer.
+                pushing = asyncio.create_task(outgoing.start())
+                ack = await call.read()
             if ack is grpc.aio.EOF:
+                self._transports.forget(address)
                 return _Outcome.BROKEN, "stream closed before an answer"
             self._report(address, ack)
             if reserved and self._pool is not None:
@@ -182,7 +237,8 @@ class Sender:
             if ack.status == pb.Ack.REJECTED:
                 return (_Outcome.BUSY if ack.retryable else _Outcome.INVALID), ack.reason
             if ack.status == pb.Ack.RECEIVED:
-                self._metrics.sent(payload.nbytes, time.perf_counter() - started)
+                self._metrics.sent(payload.nbytes, time.perf_counter() - started, backend.name)
+                await outgoing.release()  # fetched: the custody copy is `payload`
                 if not received.done():
                     received.set_result(None)
                 ack = await call.read()
@@ -193,24 +249,20 @@ class Sender:
                 return _Outcome.DONE, ""
             return _Outcome.BROKEN, f"unexpected ack {ack.status}"
         except grpc.aio.AioRpcError as err:
+            self._transports.forget(address)
             return _Outcome.BROKEN, f"{err.code().name}: {err.details()}"
         finally:
             if reserved and self._pool is not None:
                 self._pool.unreserve(address)
-            writer.cancel()
-            # The writer may have failed on its own when the stream broke.
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer
+            for task in (writer, pushing):
+                if task is None:
+                    continue
+                task.cancel()
+                # Either may have failed on its own when the stream broke.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await task
             call.cancel()
-
-    async def _write(self, call: grpc.aio.StreamStreamCall, payload: Payload) -> None:
-        await call.write(pb.WorkChunk(header=header_of(payload)))
-        delay = self._delay.sample(self._rng)
-        if delay:
-            await asyncio.sleep(delay)  # emulated transfer time, while the receiver waits
-        for chunk in data_chunks(payload):
-            await call.write(chunk)
-        await call.done_writing()
+            await outgoing.release()
 
     def _report(self, address: str, ack: pb.Ack) -> None:
         if self._pool is not None:

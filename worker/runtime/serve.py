@@ -46,6 +46,8 @@ class WorkerOptions:
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
     threads: int | None = None
     drain_timeout_s: float = 120.0
+    transport: str = "grpc"
+    transport_options: dict[str, str] = field(default_factory=dict)
 
 
 def make_compute(
@@ -106,6 +108,9 @@ async def run_worker(
             overlap=opts.overlap,
             handoff_delay=opts.handoff_delay,
             drain_timeout_s=opts.drain_timeout_s,
+            transport=opts.transport,
+            transport_options=opts.transport_options,
+            device=opts.device,
         ),
         input_error=StageInputError,
     )

@@ -31,11 +31,13 @@ from disagfusion.worker.runtime.payload import (
     PayloadError,
     payload_from,
     read_header,
-    read_tensors,
 )
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.progress import ProgressReporter
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
+from disagfusion.worker.transport.base import DescriptorError, TransferError
+from disagfusion.worker.transport.inline_wire import add_stage_servicer
+from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class RuntimeConfig:
     overlap: bool = True
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
     drain_timeout_s: float = 120.0
+    transport: str = "grpc"  # sends with it where the receiver accepts it; accepts it and grpc
+    transport_options: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # where fetched tensors land, when the transport can put them there
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +103,7 @@ class StageRuntime(pb_grpc.StageServicer):
             maxsize=max(config.outbox_capacity, 1)
         )
         self._channels = ChannelCache()
+        self.transports = Transports.open(config.transport, config.transport_options, config.device)
         self._pool = (
             PeerPool(f"after-{config.role}", config.next_addrs, self._channels)
             if config.next_addrs
@@ -111,9 +117,16 @@ class StageRuntime(pb_grpc.StageServicer):
             delay=config.handoff_delay,
             on_failure=self._report_failure,
             clock=clock,
+            transports=self.transports,
         )
         # Terminal errors go straight to the gateway (reply_to), never through later stages.
-        self._reply_sender = Sender(config.role, self._channels, self.metrics.handoff, clock=clock)
+        self._reply_sender = Sender(
+            config.role,
+            self._channels,
+            self.metrics.handoff,
+            clock=clock,
+            transports=self.transports,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self.accepting = False
         self.draining = False
@@ -159,6 +172,7 @@ class StageRuntime(pb_grpc.StageServicer):
         if self._pool is not None:
             await self._pool.stop()
         await self._channels.close()
+        await self.transports.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- admission ------------------------------------------------------
@@ -196,7 +210,7 @@ class StageRuntime(pb_grpc.StageServicer):
     # ---- gRPC service ---------------------------------------------------
 
     async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthReply:
-        return pb.HealthReply(
+        reply = pb.HealthReply(
             stage=self.config.role,
             model=self.config.model,
             ready=self.ready,
@@ -208,6 +222,7 @@ class StageRuntime(pb_grpc.StageServicer):
             service_time_ewma_s=self._service_ewma,
             completed_total=self._completed,
         )
+        return self.transports.advertise(reply)
 
     async def Submit(
         self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
@@ -250,16 +265,27 @@ class StageRuntime(pb_grpc.StageServicer):
         self._entries[rid] = entry
         self._refresh_gauges()
         try:
-            entry.payload.tensors = await read_tensors(header, stream)
-        except PayloadError as err:
+            backend = accept(self.transports, header)
+            if backend.pushes:
+                yield self._ack(rid, pb.Ack.FETCHING)
+            entry.payload.tensors = await fetch_tensors(backend, header, stream)
+        except DescriptorError as err:
             self._abandon(entry)
             self.metrics.reject("invalid")
             yield self._ack(rid, pb.Ack.REJECTED, f"invalid payload: {err}")
             return
+        except TransferError as err:
+            # The bytes did not arrive (sender gone, segment released): it may try again.
+            self._abandon(entry)
+            self.metrics.reject("transfer")
+            yield self._ack(rid, pb.Ack.REJECTED, f"transfer failed: {err}", retryable=True)
+            return
         except BaseException:
             self._abandon(entry)  # the sender went away mid-stream; it still holds the payload
             raise
-        self.metrics.handoff.received(entry.payload.nbytes, time.perf_counter() - started)
+        self.metrics.handoff.received(
+            entry.payload.nbytes, time.perf_counter() - started, backend.name
+        )
         entry.received_at = time.perf_counter()
         self._inbox.put_nowait(entry)
         yield self._ack(rid, pb.Ack.RECEIVED)
@@ -378,7 +404,7 @@ async def start_grpc_server(
     from disagfusion.worker.runtime.peers import SERVER_OPTIONS
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_StageServicer_to_server(servicer, server)
+    add_stage_servicer(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
