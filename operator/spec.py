@@ -36,9 +36,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The worker's transport registry names the same (tests/worker/test_transports.py).
 TRANSPORT_OPTIONS: dict[str, tuple[str, ...]] = {
     "grpc": ("chunk_bytes",),
-    "shm": ("dir",),
-    "torch": ("host", "store_port", "timeout_s", "connect_timeout_s"),
-    "nixl": ("ucx_tls", "poll_sleep_us", "timeout_s"),
+    "shm": ("inline_below", "dir"),
+    "torch": ("inline_below", "host", "store_port", "timeout_s", "connect_timeout_s"),
+    "nixl": ("inline_below", "ucx_tls", "poll_sleep_us", "timeout_s"),
 }
 TRANSPORTS = tuple(TRANSPORT_OPTIONS)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -263,6 +263,7 @@ def _number_in(low: float, high: float, kind: type = float) -> Callable[[str], b
 
 _NUMERIC_OPTIONS: dict[str, Callable[[str], bool]] = {
     "store_port": _number_in(1, 65535, int),
+    "inline_below": _number_in(0, 1 << 40, int),
     "chunk_bytes": _number_in(1, 8 << 20, int),
     "timeout_s": _number_in(0.001, 86400),
     "connect_timeout_s": _number_in(0.001, 86400),

@@ -104,6 +104,10 @@ def test_a_sender_uses_its_transport_only_where_the_receiver_can_take_it(
     assert transports.choose(same_host) == (transports.preferred, "")
     grpc_only = Transports.open("grpc")
     assert grpc_only.choose(same_host) == (grpc_only.preferred, "")
+    # A payload too small to be worth a segment goes inline, by design: no fallback.
+    small = transports.preferred.inline_below - 1
+    assert transports.choose(same_host, small) == (transports.grpc, "")
+    assert transports.choose(same_host, small + 1) == (transports.preferred, "")
 
 
 def test_a_receiver_refuses_tensors_in_a_location_it_does_not_accept() -> None:
@@ -310,6 +314,7 @@ BODIES = [
     {"prompt": "a red fox", "seed": 1, "n": 2, "size": "64x64"},
     {"prompt": "a lighthouse", "seed": 2, "size": "128x64", "num_inference_steps": 6},
 ]
+EVERY_PAYLOAD = ("--transport-option", "inline_below=0")
 LOCAL_BACKENDS = [
     "shm",
     "torch",
@@ -354,7 +359,8 @@ def _segments_of(pids: set[int]) -> list[str]:
 def test_serve_local_with_a_transport_serves_the_monolithic_pipelines_images(
     tmp_path: Path, backend: str
 ) -> None:
-    with ServeLocal(tmp_path, "--transport", backend) as server:
+    # Every payload by the backend, however small (tiny-unet's are a few KiB).
+    with ServeLocal(tmp_path, "--transport", backend, *EVERY_PAYLOAD) as server:
         server.wait_serving()
         denoiser = server.worker("denoiser")
         decoder = server.worker("decoder")
@@ -393,7 +399,8 @@ def test_kill_9_of_a_denoiser_under_load_with_a_transport_loses_nothing_and_leak
     and a sender holding custody (of latents the decoder has not finished)."""
     from tests.worker.test_serve_local import Load
 
-    with ServeLocal(tmp_path, "--transport", backend, "--denoisers", "2") as server:
+    args = ("--transport", backend, *EVERY_PAYLOAD, "--denoisers", "2")
+    with ServeLocal(tmp_path, *args) as server:
         server.wait_serving()
         victim = server.worker("denoiser")
         pids = {p.pid for p in server.children()}

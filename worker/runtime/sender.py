@@ -195,7 +195,7 @@ class Sender:
 
     async def _publish(self, address: str, payload: Payload) -> tuple[Backend, Outgoing]:
         peer = await self._peer(address)
-        backend, why = self._transports.choose(peer)
+        backend, why = self._transports.choose(peer, payload.nbytes)
         if not why:
             try:
                 return backend, await backend.publish(payload.request_id, payload.tensors, peer)

@@ -179,6 +179,11 @@ def check_meta_sizes(metas: Sequence[pb.TensorMeta]) -> None:
             raise DescriptorError(f"tensor {meta.name!r}: nbytes {meta.nbytes} != {expected}")
 
 
+def inline_option(default: int) -> dict[str, str]:
+    """The `inline_below` option, for backends that read it."""
+    return {"inline_below": f"payloads of fewer bytes go inline on the stream (default {default})"}
+
+
 class Outgoing:
     """One payload published for one receiver, for one attempt."""
 
@@ -219,6 +224,10 @@ class Backend(ABC):
     pushes: ClassVar[bool] = False  # the sender sends when the receiver answers FETCHING
     # The `--transport-option KEY=VALUE` keys this backend reads, with their meaning.
     option_help: ClassVar[Mapping[str, str]] = {}
+    # Payloads smaller than this go inline (grpc) even where this backend could
+    # take them: below it, the backend's fixed cost per hand-off exceeds what it
+    # saves on the bytes. Option `inline_below` where the backend lists it.
+    default_inline_below: ClassVar[int] = 0
 
     def __init__(self, options: Mapping[str, str] | None = None, device: str = "cpu") -> None:
         options = dict(options or {})
@@ -230,6 +239,12 @@ class Backend(ABC):
             )
         self.options = options
         self.device = device
+        try:
+            self.inline_below = int(options.get("inline_below", self.default_inline_below))
+        except ValueError:
+            raise ValueError("transport option inline_below must be a byte count") from None
+        if self.inline_below < 0:
+            raise ValueError("transport option inline_below must be a byte count")
 
     def endpoint(self) -> str:
         """What a sender needs to reach this process with this backend

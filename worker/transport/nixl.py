@@ -71,6 +71,7 @@ from disagfusion.worker.transport.base import (
     TransferError,
     check_meta_sizes,
     empty_like_meta,
+    inline_option,
     meta_for,
 )
 
@@ -267,7 +268,9 @@ class NixlBackend(Backend):
     name = "nixl"
     location = pb.NIXL
     pushes = False
+    default_inline_below = 256 << 10
     option_help = {
+        **inline_option(256 << 10),
         "ucx_tls": "UCX_TLS for this agent's UCX context, e.g. tcp (default: UCX's choice)",
         "poll_sleep_us": "sleep between transfer-state polls, microseconds (default 100)",
         "timeout_s": "seconds a fetch may take before it fails (default 30)",

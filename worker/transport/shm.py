@@ -57,6 +57,7 @@ from disagfusion.worker.transport.base import (
     TransferError,
     check_meta_sizes,
     empty_like_meta,
+    inline_option,
     meta_for,
 )
 
@@ -293,8 +294,10 @@ class ShmBackend(Backend):
     name = "shm"
     location = pb.SHM
     pushes = False
+    default_inline_below = 256 << 10
     option_help = {
-        "dir": f"where segments are created (default {SHM_DIR}; the same in every stage)"
+        **inline_option(256 << 10),
+        "dir": f"where segments are created (default {SHM_DIR}; the same in every stage)",
     }
 
     def __init__(self, options: Mapping[str, str] | None = None, device: str = "cpu") -> None:

@@ -65,6 +65,7 @@ from disagfusion.worker.transport.base import (
     TransferError,
     check_meta_sizes,
     empty_like_meta,
+    inline_option,
     meta_for,
 )
 
@@ -304,7 +305,9 @@ class TorchBackend(Backend):
     name = "torch"
     location = pb.TORCH
     pushes = True
+    default_inline_below = 1 << 20
     option_help = {
+        **inline_option(1 << 20),
         "host": "address this process's TCPStore listens on (default 0.0.0.0)",
         "store_port": "TCPStore port (default 0: any free port)",
         "connect_timeout_s": "seconds to form a process group with a peer (default 10)",

@@ -49,11 +49,14 @@ class Transports:
         reply.transport_endpoints.update(self.endpoints())
         return reply
 
-    def choose(self, peer: Peer) -> tuple[Backend, str]:
-        """The backend for sending to `peer`, and why it is not the preferred
-        one ("" when it is)."""
+    def choose(self, peer: Peer, nbytes: int | None = None) -> tuple[Backend, str]:
+        """The backend for sending `nbytes` to `peer`, and why it is not the
+        preferred one when that is a fallback ("" otherwise: also for a payload
+        small enough to go inline by design)."""
         if self.preferred.name == "grpc":
             return self.preferred, ""
+        if nbytes is not None and nbytes < self.preferred.inline_below:
+            return self.grpc, ""
         if self.preferred.name not in peer.accepts:
             return self.grpc, "not_accepted"
         if not self.preferred.reaches(peer):
