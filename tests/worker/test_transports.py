@@ -247,6 +247,25 @@ async def test_a_publish_that_fails_goes_inline_for_that_attempt(
     assert _handoff(metrics, fallbacks, transport="shm", reason="publish_failed") == 1
 
 
+async def test_a_peer_that_stops_answering_is_forgotten_by_the_transports(
+    cluster: Cluster,
+) -> None:
+    """Per-peer transport state (a torch process group) goes with the peer."""
+    from disagfusion.worker.runtime.peers import PeerPool
+    from tests.worker.runtime_harness import wait_until as wait
+
+    stage = await cluster.stage(_Keep())
+    gone: list[str] = []
+    pool = PeerPool(
+        "next", [stage.addr], cluster.channels, poll_interval_s=0.05, on_gone=gone.append
+    )
+    pool.start()
+    cluster.closers.append(pool.stop)
+    await _ready(pool)
+    await stage.server.stop(0)
+    await wait(lambda: gone == [stage.addr], "the pool to report the peer gone")
+
+
 async def _submit(cluster: Cluster, addr: str, header: pb.WorkHeader) -> pb.Ack:
     call = cluster.stub(addr).Submit()
 

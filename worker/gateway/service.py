@@ -115,7 +115,7 @@ class Gateway(pb_grpc.StageServicer):
         self._channels = ChannelCache()
         self.transports = Transports.open(config.transport, config.transport_options)
         self._pools = {
-            stage: PeerPool(stage, addrs, self._channels)
+            stage: PeerPool(stage, addrs, self._channels, on_gone=self.transports.forget)
             for stage, addrs in config.stage_addrs.items()
         }
         self._sender = Sender(

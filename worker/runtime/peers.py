@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -98,9 +98,12 @@ class PeerPool:
         channels: ChannelCache,
         poll_interval_s: float = 0.2,
         health_timeout_s: float = 1.0,
+        on_gone: Callable[[str], None] | None = None,
     ) -> None:
         self.stage = stage
         self._channels = channels
+        # Called when a healthy instance stops answering (transports drop per-peer state).
+        self._on_gone = on_gone
         self._peers = {a: _PeerState(a) for a in addresses}
         if not self._peers:
             raise ValueError(f"no addresses given for stage {stage!r}")
@@ -186,6 +189,8 @@ class PeerPool:
                     level = logging.INFO if peer.draining else logging.WARNING
                     how = "gone after draining" if peer.draining else "unreachable"
                     log.log(level, "%s instance %s %s: %s", self.stage, address, how, err.code())
+                    if self._on_gone is not None:
+                        self._on_gone(address)
                 peer.healthy = False
             else:
                 peer.healthy = True

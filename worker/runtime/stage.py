@@ -105,7 +105,12 @@ class StageRuntime(pb_grpc.StageServicer):
         self._channels = ChannelCache()
         self.transports = Transports.open(config.transport, config.transport_options, config.device)
         self._pool = (
-            PeerPool(f"after-{config.role}", config.next_addrs, self._channels)
+            PeerPool(
+                f"after-{config.role}",
+                config.next_addrs,
+                self._channels,
+                on_gone=self.transports.forget,
+            )
             if config.next_addrs
             else None
         )
