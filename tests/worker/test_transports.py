@@ -285,8 +285,8 @@ async def test_a_forged_descriptor_is_refused_for_good_and_touches_nothing(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     """A header naming another request's segment, a path outside the segment
-    directory, or a transport this stage does not take: REJECTED, not retryable;
-    the other request's segment is still there; the stage keeps serving."""
+    directory, or garbage: REJECTED, not retryable; the other request's segment
+    is still there; the stage keeps serving."""
     _, gw_addr = await cluster.gateway()
     compute = _Keep()
     options = {"dir": str(tmp_path)}
@@ -308,13 +308,16 @@ async def test_a_forged_descriptor_is_refused_for_good_and_touches_nothing(
     cases = {
         "another request's segment": other,
         "a path outside the directory": forged(escape),
-        "a transport it does not accept": forged(b"", pb.NIXL),
         "garbage": forged(b"\xff\x00not json"),
     }
     for what, header in cases.items():
         ack = await _submit(cluster, stage.addr, header)
         assert (status(ack), ack.retryable) == ("REJECTED", False), what
         assert "invalid payload" in ack.reason, (what, ack.reason)
+    # A transport it does not take: a sender with a stale view of it, retried.
+    ack = await _submit(cluster, stage.addr, forged(b"", pb.NIXL))
+    assert (status(ack), ack.retryable) == ("REJECTED", True)
+    assert "NIXL not accepted here" in ack.reason
     assert segment.exists()  # not read away, not unlinked
     assert compute.inputs == {}
     # The stage still serves a well-formed payload.

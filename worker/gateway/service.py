@@ -43,7 +43,7 @@ from disagfusion.worker.runtime.payload import (
 )
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
-from disagfusion.worker.transport.base import DescriptorError, TransferError
+from disagfusion.worker.transport.base import DescriptorError, NotAccepted, TransferError
 from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
 
 log = logging.getLogger(__name__)
@@ -370,6 +370,14 @@ class Gateway(pb_grpc.StageServicer):
                     result.nbytes, time.perf_counter() - started, backend.name
                 )
                 self._resolve(result)
+        except NotAccepted as err:
+            yield pb.Ack(
+                request_id=header.request_id,
+                status=pb.Ack.REJECTED,
+                reason=str(err),
+                retryable=True,  # the sender asks Health again and sends what we take
+            )
+            return
         except (PayloadError, DescriptorError) as err:
             yield pb.Ack(
                 request_id=header.request_id,

@@ -39,6 +39,7 @@ RETRY_BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 # How long a reply_to address's advertised transports are trusted before asking again.
 REPLY_PEER_TTL_S = 30.0
+REPLY_HEALTH_TIMEOUT_S = 5.0
 
 
 class DeliveryFailed(Exception):
@@ -185,11 +186,13 @@ class Sender:
         if cached is not None and now - cached[0] < REPLY_PEER_TTL_S:
             return cached[1]
         try:
-            reply = await self._channels.stub(address).Health(pb.HealthRequest(), timeout=1.0)
-            peer = peer_from_health(address, reply)
+            reply = await self._channels.stub(address).Health(
+                pb.HealthRequest(), timeout=REPLY_HEALTH_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError:
             raise_if_cancelled()
-            peer = Peer(address)
+            return Peer(address)  # grpc for now; asked again next time, not cached
+        peer = peer_from_health(address, reply)
         self._reply_peers[address] = (now, peer)
         return peer
 
@@ -235,6 +238,8 @@ class Sender:
                 self._pool.unreserve(address)
                 reserved = False
             if ack.status == pb.Ack.REJECTED:
+                if ack.retryable:
+                    self._reply_peers.pop(address, None)  # what it accepts may have changed
                 return (_Outcome.BUSY if ack.retryable else _Outcome.INVALID), ack.reason
             if ack.status == pb.Ack.RECEIVED:
                 self._metrics.sent(payload.nbytes, time.perf_counter() - started, backend.name)

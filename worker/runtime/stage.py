@@ -35,7 +35,7 @@ from disagfusion.worker.runtime.payload import (
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.progress import ProgressReporter
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
-from disagfusion.worker.transport.base import DescriptorError, TransferError
+from disagfusion.worker.transport.base import DescriptorError, NotAccepted, TransferError
 from disagfusion.worker.transport.inline_wire import add_stage_servicer
 from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
 
@@ -274,6 +274,11 @@ class StageRuntime(pb_grpc.StageServicer):
             if backend.pushes:
                 yield self._ack(rid, pb.Ack.FETCHING)
             entry.payload.tensors = await fetch_tensors(backend, header, stream)
+        except NotAccepted as err:
+            self._abandon(entry)  # the sender asks Health again and sends what we take
+            self.metrics.reject("transport")
+            yield self._ack(rid, pb.Ack.REJECTED, str(err), retryable=True)
+            return
         except DescriptorError as err:
             self._abandon(entry)
             self.metrics.reject("invalid")

@@ -58,6 +58,12 @@ class DescriptorError(ValueError):
     the payload is REJECTED as invalid, not retried."""
 
 
+class NotAccepted(DescriptorError):
+    """Tensors in a location this receiver does not take: the sender's view of
+    it is stale (it restarted with another transport); retried, after the
+    sender asks it again, rather than failing the request."""
+
+
 class TransferError(Exception):
     """The bytes did not arrive (the peer died, a timeout, a segment gone):
     the sender tries again, here or on another instance."""

@@ -13,7 +13,7 @@ import torch
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.worker.transport import open_backend
-from disagfusion.worker.transport.base import Backend, DescriptorError, Outgoing, Peer
+from disagfusion.worker.transport.base import Backend, DescriptorError, NotAccepted, Outgoing, Peer
 from disagfusion.worker.transport.inline_wire import InlineChunk
 
 
@@ -74,7 +74,7 @@ class Transports:
         if backend is None:
             known = location in pb.TensorLocation.values()
             name = pb.TensorLocation.Name(location) if known else str(location)
-            raise DescriptorError(
+            raise NotAccepted(
                 f"transport {name} not accepted here (accepted: {', '.join(self.names)})"
             )
         return backend
