@@ -20,10 +20,9 @@ from disagfusion.worker.transport.base import (
     MAX_HANDLE_BYTES,
     DescriptorError,
     TransferError,
-    host_bytes,
     meta_for,
 )
-from disagfusion.worker.transport.grpc import CHUNK_BYTES, GrpcBackend
+from disagfusion.worker.transport.grpc import CHUNK_BYTES, GrpcBackend, inline_chunks
 from disagfusion.worker.transport.wire import inline_data
 
 _INLINE = GrpcBackend()
@@ -112,10 +111,8 @@ def header_of(payload: Payload, metas: list[pb.TensorMeta] | None = None) -> pb.
 
 def data_chunks(payload: Payload, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.WorkChunk]:
     """The tensor bytes inline, in header order, cut into chunks (the grpc transport)."""
-    for t in payload.tensors.values():
-        view = host_bytes(t)
-        for start in range(0, len(view), chunk_bytes):
-            yield pb.WorkChunk(data=bytes(view[start : start + chunk_bytes]))
+    for chunk in inline_chunks(payload.tensors.values(), chunk_bytes):
+        yield pb.WorkChunk(data=bytes(chunk))
 
 
 def validate_header(h: pb.WorkHeader) -> None:

@@ -162,16 +162,22 @@ def empty_like_meta(meta: pb.TensorMeta, device: str | torch.device = "cpu") -> 
     return raw.view(dtype).reshape(tuple(meta.shape))
 
 
+def flat_bytes(t: torch.Tensor, host: bool = True) -> torch.Tensor:
+    """A tensor's bytes as a flat uint8 tensor: a view of a contiguous tensor
+    (so a receive buffer can be filled through it), else a copy; with `host`, a
+    CUDA tensor is copied to host memory."""
+    flat = t.detach()
+    if host and flat.device.type != "cpu":
+        flat = flat.to("cpu")
+    return flat.contiguous().reshape(-1).view(torch.uint8)
+
+
 def host_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes in host memory, copied only when it is not already
     a contiguous CPU tensor."""
-    flat = t.detach()
-    if flat.device.type != "cpu":
-        flat = flat.to("cpu")
-    flat = flat.contiguous().reshape(-1)
-    if flat.numel() == 0:
+    if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy().data).cast("B")
+    return memoryview(flat_bytes(t).numpy().data).cast("B")
 
 
 def check_meta_sizes(metas: Sequence[pb.TensorMeta]) -> None:

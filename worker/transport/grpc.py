@@ -9,7 +9,7 @@ the channel and server read the socket in large chunks (peers.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -26,6 +26,17 @@ from disagfusion.worker.transport.base import (
 )
 
 CHUNK_BYTES = 1 << 20
+
+
+def inline_chunks(
+    tensors: Iterable[torch.Tensor], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[memoryview]:
+    """The tensors' bytes in order, cut into chunks: views of their memory,
+    copied once, when each message is sent."""
+    for t in tensors:
+        view = host_bytes(t)
+        for start in range(0, len(view), chunk_bytes):
+            yield view[start : start + chunk_bytes]
 
 
 class GrpcBackend(Backend):
@@ -49,12 +60,7 @@ class GrpcBackend(Backend):
         return Outgoing(metas, inline=self._chunks(list(tensors.values())))
 
     def _chunks(self, tensors: list[torch.Tensor]) -> Iterator[memoryview]:
-        """Views of the tensors' memory; copied once, when each message is sent."""
-        size = self.chunk_bytes
-        for t in tensors:
-            view = host_bytes(t)
-            for start in range(0, len(view), size):
-                yield view[start : start + size]
+        return inline_chunks(tensors, self.chunk_bytes)
 
     def check(self, request_id: str, metas: Sequence[pb.TensorMeta]) -> None:
         for meta in metas:

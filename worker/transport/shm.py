@@ -57,6 +57,7 @@ from disagfusion.worker.transport.base import (
     TransferError,
     check_meta_sizes,
     empty_like_meta,
+    flat_bytes,
     inline_option,
     meta_for,
 )
@@ -261,14 +262,6 @@ def _close_mapping(mapping: mmap.mmap) -> None:
         mapping.close()
 
 
-def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A tensor's bytes as a flat uint8 CPU tensor (a view where it can be)."""
-    flat = t.detach()
-    if flat.device.type != "cpu":
-        flat = flat.to("cpu")
-    return flat.contiguous().reshape(-1).view(torch.uint8)
-
-
 async def _maybe_in_thread(nbytes: int, fn: Callable[[], _T]) -> _T:
     if nbytes >= THREAD_BYTES:
         return await asyncio.to_thread(fn)
@@ -421,7 +414,7 @@ class ShmBackend(Backend):
             mapping = seg.mapping
             mapping[_TOKEN_AT : _TOKEN_AT + len(_NO_TOKEN)] = _NO_TOKEN
             for t, offset in zip(values, offsets, strict=True):
-                src = _flat_bytes(t)
+                src = flat_bytes(t)
                 if src.numel():
                     dst = torch.frombuffer(
                         mapping, dtype=torch.uint8, count=src.numel(), offset=offset

@@ -65,6 +65,7 @@ from disagfusion.worker.transport.base import (
     TransferError,
     check_meta_sizes,
     empty_like_meta,
+    flat_bytes,
     inline_option,
     meta_for,
 )
@@ -223,14 +224,6 @@ def _decode_handle(meta: pb.TensorMeta) -> _Handle:
     if type(port) is not int or not 0 <= port < 65536 or (port and not host):
         raise DescriptorError(f"tensor {meta.name!r}: malformed sender_port")
     return _Handle(group, tag, backend, host, port)
-
-
-def _as_bytes(t: torch.Tensor, host: bool) -> torch.Tensor:
-    """A contiguous flat uint8 view (or copy) of a tensor's bytes."""
-    flat = t.detach()
-    if host and flat.device.type != "cpu":
-        flat = flat.to("cpu")
-    return flat.contiguous().reshape(-1).view(torch.uint8)
 
 
 class _Group:
@@ -557,7 +550,7 @@ class TorchBackend(Backend):
     def _send_gloo(self, group: _Group, tensors: list[torch.Tensor], tags: list[int]) -> None:
         group.live()
         timeout = timedelta(seconds=self.timeout_s)
-        flats = [_as_bytes(t, host=True) for t in tensors if t.numel()]
+        flats = [flat_bytes(t, host=True) for t in tensors if t.numel()]
         live_tags = [tag for t, tag in zip(tensors, tags, strict=True) if t.numel()]
         works = [group.gloo.send([f], 1, tag) for f, tag in zip(flats, live_tags, strict=True)]
         for work in works:
@@ -573,7 +566,7 @@ class TorchBackend(Backend):
             group.send_seq += 1
             group.gloo.send([announce], 1, tags[0]).wait(timedelta(seconds=self.timeout_s))
             with torch.cuda.device(tensors[0].device):
-                flats = [_as_bytes(t, host=False) for t in tensors if t.numel()]
+                flats = [flat_bytes(t, host=False) for t in tensors if t.numel()]
                 works = [group.nccl.send([f], 1, 0) for f in flats]
                 self._poll(group, works, deadline)
         finally:
@@ -676,7 +669,7 @@ class TorchBackend(Backend):
         timeout = timedelta(seconds=self.timeout_s)
         out = {m.name: empty_like_meta(m) for m in metas}
         works = [
-            group.gloo.recv([_as_bytes(out[m.name], host=True)], 0, tag)
+            group.gloo.recv([flat_bytes(out[m.name], host=True)], 0, tag)
             for m, tag in zip(metas, tags, strict=True)
             if m.nbytes
         ]
@@ -699,7 +692,7 @@ class TorchBackend(Backend):
         try:
             with torch.cuda.device(self._device):
                 out = {m.name: empty_like_meta(m, self._device) for m in metas}
-                flats = [_as_bytes(out[m.name], host=False) for m in metas if m.nbytes]
+                flats = [flat_bytes(out[m.name], host=False) for m in metas if m.nbytes]
                 works = [group.nccl.recv([f], 0, 0) for f in flats]
                 self._poll(group, works, deadline)
         finally:
