@@ -232,7 +232,19 @@ def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageS
         args += ["--device", "cuda"]
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
-    return args + _family_args(spec) + _transport_args(spec)
+    return args + _batching_args(stage) + _family_args(spec) + _transport_args(spec)
+
+
+def _batching_args(stage: StageSpec) -> list[str]:
+    """A stage worker's `--max-batch`, `--batch-wait-ms` and `--queue-order`, each only
+    when set (the stage's or the pipeline's); unset, the worker's own default applies."""
+    b = stage.batching
+    args = [] if b.max_batch is None else ["--max-batch", str(b.max_batch)]
+    if b.batch_wait_ms is not None:
+        args += ["--batch-wait-ms", f"{b.batch_wait_ms:g}"]
+    if stage.queue_order is not None:
+        args += ["--queue-order", stage.queue_order]
+    return args
 
 
 def _transport_args(spec: PipelineSpec) -> list[str]:
@@ -452,6 +464,8 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     ]
     if spec.model.served_name is not None:
         args += ["--served-model-name", spec.model.served_name]
+    if spec.slo is not None:  # the deadline the stages' EDF queue order sorts by
+        args += ["--slo", spec.slo]
     args += _family_args(spec) + _transport_args(spec)
     container: dict[str, Any] = {
         "name": "gateway",

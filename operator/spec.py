@@ -7,6 +7,7 @@ operator checks every rule itself and reports the problems by field path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ TRANSPORT_OPTIONS: dict[str, tuple[str, ...]] = {
 TRANSPORTS = tuple(TRANSPORT_OPTIONS)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 DEFAULT_QUEUE_CAPACITY = 2
+# spec.queueOrder / spec.stages.<stage>.queueOrder (`--queue-order`): arrival order, or
+# earliest SLO deadline first (the gateway stamps the deadlines with `--slo`).
+QUEUE_ORDERS = ("fifo", "edf")
 # The families whose gateway serves the Videos API (durable jobs in a job store).
 VIDEO_FAMILIES = ("wan", "wan-i2v")
 # spec.gateway.jobStore: SQLite files in a directory (`--data-dir`) or a Redis the user runs.
@@ -83,6 +87,22 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class BatchingSpec:
+    """spec.batching (`--max-batch`, `--batch-wait-ms`); None: the flag is not passed
+    and the worker's own default applies (a batch size from the model and device)."""
+
+    max_batch: int | None = None  # >= 1; 1 turns batching off
+    batch_wait_ms: float | None = None  # >= 0; 0 batches only what is already queued
+
+    def over(self, base: BatchingSpec) -> BatchingSpec:
+        """These settings, each unset one taken from `base` (a stage over the pipeline)."""
+        return BatchingSpec(
+            max_batch=base.max_batch if self.max_batch is None else self.max_batch,
+            batch_wait_ms=base.batch_wait_ms if self.batch_wait_ms is None else self.batch_wait_ms,
+        )
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     image: str
@@ -95,6 +115,9 @@ class StageSpec:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     affinity: dict[str, Any] = field(default_factory=dict)
     env: list[dict[str, Any]] = field(default_factory=list)
+    # What this stage's workers run with: its own settings over the pipeline's.
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    queue_order: str | None = None  # a QUEUE_ORDERS name; None: the worker's default
 
 
 @dataclass(frozen=True)
@@ -164,10 +187,20 @@ class PipelineSpec:
     transport: TransportSpec
     gateway: GatewaySpec
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+    # The pipeline-wide spec.batching and spec.queueOrder (each stage's are in its StageSpec).
+    batching: BatchingSpec = field(default_factory=BatchingSpec)
+    queue_order: str | None = None
 
     @property
     def autoscaling_mode(self) -> str:
         return self.autoscaling.mode
+
+    @property
+    def slo(self) -> str | None:
+        """The SLO the gateway stamps deadlines with (`--slo`): the one the autoscaler
+        sizes for, spec.autoscaling.slo or else the profile's default; None: neither."""
+        a = self.autoscaling
+        return a.knobs.slo or (a.profile.default_slo if a.profile is not None else None)
 
 
 class _Reader:
@@ -310,7 +343,35 @@ def _model(r: _Reader, spec: Mapping[str, Any]) -> ModelSpec:
     )
 
 
-def _stage(r: _Reader, name: str, data: Mapping[str, Any], image: str) -> StageSpec:
+def _batching(r: _Reader, data: Mapping[str, Any], path: str) -> BatchingSpec:
+    """`path` (spec.batching or a stage's): maxBatch an integer >= 1, batchWaitMs >= 0."""
+    b = r.obj(data, "batching", path)
+    max_batch = None
+    if b.get("maxBatch") is not None:
+        max_batch = r.int_(b, "maxBatch", f"{path}.maxBatch", 1, minimum=1)
+    wait = None
+    if b.get("batchWaitMs") is not None:
+        wait = _number(r, b, "batchWaitMs", f"{path}.batchWaitMs", 0.0, 0.0, False)
+        if not math.isfinite(wait):
+            r.problems.append(f"{path}.batchWaitMs: must be a finite number")
+            wait = 0.0
+    return BatchingSpec(max_batch=max_batch, batch_wait_ms=wait)
+
+
+def _queue_order(r: _Reader, data: Mapping[str, Any], path: str) -> str | None:
+    return r.str_(data, "queueOrder", path, choices=QUEUE_ORDERS)
+
+
+def _stage(
+    r: _Reader,
+    name: str,
+    data: Mapping[str, Any],
+    image: str,
+    batching: BatchingSpec,
+    queue_order: str | None,
+) -> StageSpec:
+    """spec.stages.<name>; `batching` and `queue_order` are the pipeline's, which the
+    stage's own settings override field by field."""
     p = f"spec.stages.{name}"
     replicas = r.int_(data, "replicas", f"{p}.replicas", 1, minimum=0)
     lo = r.int_(data, "minReplicas", f"{p}.minReplicas", min(1, replicas), minimum=0)
@@ -333,6 +394,8 @@ def _stage(r: _Reader, name: str, data: Mapping[str, Any], image: str) -> StageS
         tolerations=r.list_(data, "tolerations", f"{p}.tolerations"),
         affinity=r.obj(data, "affinity", f"{p}.affinity"),
         env=r.list_(data, "env", f"{p}.env"),
+        batching=_batching(r, data, f"{p}.batching").over(batching),
+        queue_order=_queue_order(r, data, f"{p}.queueOrder") or queue_order,
     )
 
 
@@ -574,8 +637,12 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
     raw_stages = r.obj(spec, "stages", "spec.stages")
     for extra in sorted(set(raw_stages) - set(STAGES)):
         r.problems.append(f"spec.stages.{extra}: unknown stage (use {', '.join(STAGES)})")
+    batching = _batching(r, spec, "spec.batching")
+    queue_order = _queue_order(r, spec, "spec.queueOrder")
     stages = {
-        name: _stage(r, name, r.obj(raw_stages, name, f"spec.stages.{name}"), image)
+        name: _stage(
+            r, name, r.obj(raw_stages, name, f"spec.stages.{name}"), image, batching, queue_order
+        )
         for name in STAGES
     }
     transport = _transport(r, r.obj(spec, "transport", "spec.transport"))
@@ -590,6 +657,8 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
         transport=transport,
         gateway=gateway,
         autoscaling=autoscaling,
+        batching=batching,
+        queue_order=queue_order,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#disagfusion/proto/disagfusion.proto\x12\x0e\x64isagfusion.v1\"\xe7\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12\x12\n\nnum_frames\x18\t \x01(\x05\x12\x0b\n\x03\x66ps\x18\n \x01(\x05\x12\x13\n\x0bkeep_frames\x18\x0b \x01(\x08\"\x8a\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x30\n\x08location\x18\x05 \x01(\x0e\x32\x1e.disagfusion.v1.TensorLocation\x12\x0e\n\x06handle\x18\x06 \x01(\x0c\"\x82\x02\n\nWorkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\x06params\x18\x04 \x01(\x0b\x32 .disagfusion.v1.GenerationParams\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.disagfusion.v1.TensorMeta\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x14\n\x0csource_stage\x18\n \x01(\t\"Q\n\tWorkChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.disagfusion.v1.WorkHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x03\x41\x63k\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.disagfusion.v1.Ack.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x11\n\tretryable\x18\x06 \x01(\x08\"T\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RECEIVED\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x0c\n\x08\x46\x45TCHING\x10\x04\"\x0f\n\rHealthRequest\"\xf9\x02\n\x0bHealthReply\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x07 \x01(\x05\x12\x14\n\x0coutbox_depth\x18\x08 \x01(\x05\x12\x1b\n\x13service_time_ewma_s\x18\t \x01(\x01\x12\x17\n\x0f\x63ompleted_total\x18\n \x01(\x03\x12\x12\n\ntransports\x18\x0b \x03(\t\x12P\n\x13transport_endpoints\x18\x0c \x03(\x0b\x32\x33.disagfusion.v1.HealthReply.TransportEndpointsEntry\x1a\x39\n\x17TransportEndpointsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0eProgressReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\r\n\x05total\x18\x04 \x01(\x05\"\"\n\rProgressReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\xe8\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\tB\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scale\"+\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"f\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.disagfusion.v1.GeneratedImage\x12\x11\n\tlatency_s\x18\x03 \x01(\x01*[\n\x0eTensorLocation\x12\x1f\n\x1bTENSOR_LOCATION_UNSPECIFIED\x10\x00\x12\n\n\x06INLINE\x10\x01\x12\x07\n\x03SHM\x10\x02\x12\t\n\x05TORCH\x10\x03\x12\x08\n\x04NIXL\x10\x04\x32\xd6\x01\n\x05Stage\x12<\n\x06Submit\x12\x19.disagfusion.v1.WorkChunk\x1a\x13.disagfusion.v1.Ack(\x01\x30\x01\x12\x44\n\x06Health\x12\x1d.disagfusion.v1.HealthRequest\x1a\x1b.disagfusion.v1.HealthReply\x12I\n\x08Progress\x12\x1e.disagfusion.v1.ProgressReport\x1a\x1d.disagfusion.v1.ProgressReply2U\n\x07Gateway\x12J\n\x08Generate\x12\x1f.disagfusion.v1.GenerateRequest\x1a\x1d.disagfusion.v1.GenerateReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#disagfusion/proto/disagfusion.proto\x12\x0e\x64isagfusion.v1\"\xe7\x01\n\x10GenerationParams\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x12\n\nnum_images\x18\x08 \x01(\x05\x12\x12\n\nnum_frames\x18\t \x01(\x05\x12\x0b\n\x03\x66ps\x18\n \x01(\x05\x12\x13\n\x0bkeep_frames\x18\x0b \x01(\x08\"\x8a\x01\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x30\n\x08location\x18\x05 \x01(\x0e\x32\x1e.disagfusion.v1.TensorLocation\x12\x0e\n\x06handle\x18\x06 \x01(\x0c\"\x9d\x02\n\nWorkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x30\n\x06params\x18\x04 \x01(\x0b\x32 .disagfusion.v1.GenerationParams\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.disagfusion.v1.TensorMeta\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nerror_code\x18\t \x01(\x05\x12\x14\n\x0csource_stage\x18\n \x01(\t\x12\x19\n\x11slo_deadline_unix\x18\x0b \x01(\x01\"Q\n\tWorkChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.disagfusion.v1.WorkHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x03\x41\x63k\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.disagfusion.v1.Ack.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x11\n\tin_flight\x18\x05 \x01(\x05\x12\x11\n\tretryable\x18\x06 \x01(\x08\"T\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08RECEIVED\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\x12\x0c\n\x08REJECTED\x10\x03\x12\x0c\n\x08\x46\x45TCHING\x10\x04\"\x0f\n\rHealthRequest\"\xf9\x02\n\x0bHealthReply\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x13\n\x0bqueue_depth\x18\x05 \x01(\x05\x12\x11\n\tin_flight\x18\x06 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x07 \x01(\x05\x12\x14\n\x0coutbox_depth\x18\x08 \x01(\x05\x12\x1b\n\x13service_time_ewma_s\x18\t \x01(\x01\x12\x17\n\x0f\x63ompleted_total\x18\n \x01(\x03\x12\x12\n\ntransports\x18\x0b \x03(\t\x12P\n\x13transport_endpoints\x18\x0c \x03(\x0b\x32\x33.disagfusion.v1.HealthReply.TransportEndpointsEntry\x1a\x39\n\x17TransportEndpointsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x0eProgressReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\r\n\x05total\x18\x04 \x01(\x05\"\"\n\rProgressReply\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\xe8\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\x05\x12\x0c\n\x04size\x18\x04 \x01(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12 \n\x13num_inference_steps\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05model\x18\x08 \x01(\tB\x07\n\x05_seedB\x16\n\x14_num_inference_stepsB\x11\n\x0f_guidance_scale\"+\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\"f\n\rGenerateReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.disagfusion.v1.GeneratedImage\x12\x11\n\tlatency_s\x18\x03 \x01(\x01*[\n\x0eTensorLocation\x12\x1f\n\x1bTENSOR_LOCATION_UNSPECIFIED\x10\x00\x12\n\n\x06INLINE\x10\x01\x12\x07\n\x03SHM\x10\x02\x12\t\n\x05TORCH\x10\x03\x12\x08\n\x04NIXL\x10\x04\x32\xd6\x01\n\x05Stage\x12<\n\x06Submit\x12\x19.disagfusion.v1.WorkChunk\x1a\x13.disagfusion.v1.Ack(\x01\x30\x01\x12\x44\n\x06Health\x12\x1d.disagfusion.v1.HealthRequest\x1a\x1b.disagfusion.v1.HealthReply\x12I\n\x08Progress\x12\x1e.disagfusion.v1.ProgressReport\x1a\x1d.disagfusion.v1.ProgressReply2U\n\x07Gateway\x12J\n\x08Generate\x12\x1f.disagfusion.v1.GenerateRequest\x1a\x1d.disagfusion.v1.GenerateReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._loaded_options = None
   _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORLOCATION']._serialized_start=1906
-  _globals['_TENSORLOCATION']._serialized_end=1997
+  _globals['_TENSORLOCATION']._serialized_start=1933
+  _globals['_TENSORLOCATION']._serialized_end=2024
   _globals['_GENERATIONPARAMS']._serialized_start=56
   _globals['_GENERATIONPARAMS']._serialized_end=287
   _globals['_TENSORMETA']._serialized_start=290
   _globals['_TENSORMETA']._serialized_end=428
   _globals['_WORKHEADER']._serialized_start=431
-  _globals['_WORKHEADER']._serialized_end=689
-  _globals['_WORKCHUNK']._serialized_start=691
-  _globals['_WORKCHUNK']._serialized_end=772
-  _globals['_ACK']._serialized_start=775
-  _globals['_ACK']._serialized_end=1005
-  _globals['_ACK_STATUS']._serialized_start=921
-  _globals['_ACK_STATUS']._serialized_end=1005
-  _globals['_HEALTHREQUEST']._serialized_start=1007
-  _globals['_HEALTHREQUEST']._serialized_end=1022
-  _globals['_HEALTHREPLY']._serialized_start=1025
-  _globals['_HEALTHREPLY']._serialized_end=1402
-  _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._serialized_start=1345
-  _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._serialized_end=1402
-  _globals['_PROGRESSREPORT']._serialized_start=1404
-  _globals['_PROGRESSREPORT']._serialized_end=1484
-  _globals['_PROGRESSREPLY']._serialized_start=1486
-  _globals['_PROGRESSREPLY']._serialized_end=1520
-  _globals['_GENERATEREQUEST']._serialized_start=1523
-  _globals['_GENERATEREQUEST']._serialized_end=1755
-  _globals['_GENERATEDIMAGE']._serialized_start=1757
-  _globals['_GENERATEDIMAGE']._serialized_end=1800
-  _globals['_GENERATEREPLY']._serialized_start=1802
-  _globals['_GENERATEREPLY']._serialized_end=1904
-  _globals['_STAGE']._serialized_start=2000
-  _globals['_STAGE']._serialized_end=2214
-  _globals['_GATEWAY']._serialized_start=2216
-  _globals['_GATEWAY']._serialized_end=2301
+  _globals['_WORKHEADER']._serialized_end=716
+  _globals['_WORKCHUNK']._serialized_start=718
+  _globals['_WORKCHUNK']._serialized_end=799
+  _globals['_ACK']._serialized_start=802
+  _globals['_ACK']._serialized_end=1032
+  _globals['_ACK_STATUS']._serialized_start=948
+  _globals['_ACK_STATUS']._serialized_end=1032
+  _globals['_HEALTHREQUEST']._serialized_start=1034
+  _globals['_HEALTHREQUEST']._serialized_end=1049
+  _globals['_HEALTHREPLY']._serialized_start=1052
+  _globals['_HEALTHREPLY']._serialized_end=1429
+  _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._serialized_start=1372
+  _globals['_HEALTHREPLY_TRANSPORTENDPOINTSENTRY']._serialized_end=1429
+  _globals['_PROGRESSREPORT']._serialized_start=1431
+  _globals['_PROGRESSREPORT']._serialized_end=1511
+  _globals['_PROGRESSREPLY']._serialized_start=1513
+  _globals['_PROGRESSREPLY']._serialized_end=1547
+  _globals['_GENERATEREQUEST']._serialized_start=1550
+  _globals['_GENERATEREQUEST']._serialized_end=1782
+  _globals['_GENERATEDIMAGE']._serialized_start=1784
+  _globals['_GENERATEDIMAGE']._serialized_end=1827
+  _globals['_GENERATEREPLY']._serialized_start=1829
+  _globals['_GENERATEREPLY']._serialized_end=1931
+  _globals['_STAGE']._serialized_start=2027
+  _globals['_STAGE']._serialized_end=2241
+  _globals['_GATEWAY']._serialized_start=2243
+  _globals['_GATEWAY']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

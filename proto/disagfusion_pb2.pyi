@@ -63,7 +63,7 @@ class TensorMeta(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., nbytes: _Optional[int] = ..., location: _Optional[_Union[TensorLocation, str]] = ..., handle: _Optional[bytes] = ...) -> None: ...
 
 class WorkHeader(_message.Message):
-    __slots__ = ("request_id", "pipeline", "model", "params", "tensors", "deadline_unix", "reply_to", "error", "error_code", "source_stage")
+    __slots__ = ("request_id", "pipeline", "model", "params", "tensors", "deadline_unix", "reply_to", "error", "error_code", "source_stage", "slo_deadline_unix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class WorkHeader(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_STAGE_FIELD_NUMBER: _ClassVar[int]
+    SLO_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     pipeline: str
     model: str
@@ -84,7 +85,8 @@ class WorkHeader(_message.Message):
     error: str
     error_code: int
     source_stage: str
-    def __init__(self, request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reply_to: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., source_stage: _Optional[str] = ...) -> None: ...
+    slo_deadline_unix: float
+    def __init__(self, request_id: _Optional[str] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reply_to: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ..., source_stage: _Optional[str] = ..., slo_deadline_unix: _Optional[float] = ...) -> None: ...
 
 class WorkChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -8,6 +8,20 @@ How the published batch-1 stage times became coefficients:
   video, 70/30 for Qwen-Image's 7k-token image. The split only matters for
   shapes other than the published one.
 Start-up times are the pod's image pull plus weight load: assumed, not published.
+
+Batching across requests (CALIBRATION.md, "Batching across requests, published"):
+the only published per-batch times for these models are SGLang's Qwen-Image-2512
+denoiser on an H200 (sglang PR 22183, 50 steps, time per step against batch 1):
+  512²:  B=2 1.10x, 3 1.12x, 4 1.44x, 8 2.55x, 16 4.99x (throughput up to 3.2x)
+  1024²: B=2 1.95x, 3 2.92x (1.02x throughput: compute-bound at batch 1)
+A batch term is measured at the profile's default request, and the gain falls as
+the request grows (a big image already fills the GPU). The Qwen profiles' default
+is 1328², past 1024², so they carry the 1024² factors, an upper bound on the gain
+there; on an H100 (same compute as an H200, less memory bandwidth) and an L40S
+(less compute) a batch is at least as compute-bound. At 2-3 % more throughput for
+up to 3x the latency those profiles keep `max_batch: 1` (serve one at a time);
+`disagfusion plan --max-batch 3` shows what batching would change. Wan2.1's
+stages and every encoder and decoder have no published batch numbers: batch 1.
 """
 
 from __future__ import annotations
@@ -30,13 +44,22 @@ def _denoiser(
     }
 
 
-def _scaled(cost: dict[str, float], factor: float) -> dict[str, float]:
-    return {k: (v if k == "memory_gb" else round(v * factor, 8)) for k, v in cost.items()}
+def _scaled(cost: dict[str, Any], factor: float) -> dict[str, Any]:
+    """A slower accelerator: times x factor; memory and batch factors (ratios) as they are."""
+    kept = ("memory_gb", "batch", "max_batch")
+    return {k: (v if k in kept else round(v * factor, 8)) for k, v in cost.items()}
 
 
 _WAN_P = 832 * 480 * 81 / 1e6
 _QWEN_P = 1328 * 1328 / 1e6
-_QWEN_DENOISER = {**_denoiser(25.3, 1328, 1328, 1, 50, linear=0.7), "memory_gb": 40.9}
+# sglang PR 22183, Qwen-Image-2512 on H200 at 1024², 50 steps: t(B)/t(1) per step.
+_QWEN_BATCH_1024 = {"2": 1.95, "3": 2.92}
+_QWEN_DENOISER = {
+    **_denoiser(25.3, 1328, 1328, 1, 50, linear=0.7),
+    "memory_gb": 40.9,
+    "batch": _QWEN_BATCH_1024,
+    "max_batch": 1,  # compute-bound at 1328²: batching buys ~2 % (see the module docstring)
+}
 _QWEN_ENCODER = {"a": 0.26, "memory_gb": 16.6}
 _QWEN_DECODER = {"b": round(0.31 / _QWEN_P, 6), "memory_gb": 0.3}
 

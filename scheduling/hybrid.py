@@ -5,16 +5,25 @@ autoscaling_policy.py), each a function of data below:
 
 1. hold (`hold_reason`): disabled, stale or missing metrics hold the size.
 2. model: the profile predicts seconds per request for the observed shape
-   mix. The arrival rate is forecast (forecast.py) over the lead time a new
-   pod needs that the SLO cannot absorb by queueing (`lead_and_horizon`).
-   Rate and service time give the pool size whose mean queueing wait
-   (Erlang C) fits the stage's share of the SLO slack (`queueing_slack`),
-   capped at the target utilization, a little lower while a ramp is
-   forecast (`utilization_cap`). That is `predicted`.
+   mix; over a mix of short and long shapes that mean is noisy from one
+   window to the next, so it is smoothed as much as it is noisy
+   (`next_times`). The arrival rate is forecast (forecast.py) over the lead
+   time a new pod needs that the SLO cannot absorb by queueing
+   (`lead_and_horizon`). Rate and service time give the pool size whose mean
+   queueing wait (Erlang C) fits the stage's share of the SLO slack
+   (`queueing_slack`), capped at the target utilization, a little lower while
+   a ramp is forecast (`utilization_cap`). The mix's short requests
+   (short_requests.py) may have far less slack than the mean (a slowdown
+   SLO), which a mean wait hides: each stage also keeps the chance that one
+   of them waits past its slack small (`tail_rules`, capacity.servers_for_tail). That
+   is `predicted`. A stage that may batch is sized for the batch its
+   instances settle at under the forecast rate (capacity.batched_servers_for),
+   so fewer instances may do.
 3. feedback, the scale factor: the observed/predicted service-time ratio
-   (smoothed, `next_ratios`) rescales the model; a backlog beyond the
-   expected queue adds pods to drain it (`stage_need`); SLO misses shrink
-   the wait budget and meeting it relaxes it again (`next_wait_scale`).
+   (smoothed, and moved less the noisier the observed mean, `next_ratios`)
+   rescales the model; a backlog beyond the expected queue adds pods to
+   drain it (`stage_need`); SLO misses shrink the wait budget and meeting it
+   relaxes it again (`next_wait_scale`).
 4. bounds (`bounded`): the per-stage minimum and maximum.
 5. budget (`share_budget`): when the wishes exceed the GPU budget, the
    budget goes where it raises end-to-end throughput most (max-min over the
@@ -34,13 +43,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from disagfusion.scheduling.budget import NO_BUDGET, grow, max_min
-from disagfusion.scheduling.capacity import servers_for
+from disagfusion.scheduling.capacity import Pool, batched_servers_for, servers_for_tail
 from disagfusion.scheduling.forecast import RatePoints, forecast, rate_history
 from disagfusion.scheduling.planner import mean_service_times, slo_slack, split_wait
-from disagfusion.scheduling.profile import Profile, RequestShape
+from disagfusion.scheduling.profile import (
+    BatchTerm,
+    Profile,
+    batch_at_rate,
+    batch_factor,
+)
 from disagfusion.scheduling.scaling import (
     Decision,
     Knobs,
@@ -52,14 +66,22 @@ from disagfusion.scheduling.scaling import (
     mix_or_default,
     queued_for,
 )
+from disagfusion.scheduling.short_requests import (
+    NO_TAIL,
+    SLO_TARGET,
+    WAIT_SHARE,
+    Mix,
+    Tail,
+    service_cv2,
+    tail_rules,
+)
 from disagfusion.scheduling.stages import STAGES
 
-WAIT_SHARE = 0.2  # share of the SLO slack the mean queueing wait may use
 RATIO_SMOOTHING = 0.3  # weight of the newest observed/predicted service-time ratio
 RATIO_BOUNDS = (0.2, 5.0)
-SLO_TARGET = 0.99
+RATIO_NOISE_OK = 0.05  # relative error of an observed mean the smoothing takes at full weight
+OBSERVED_WINDOW_S = 60.0  # what the observed service time is averaged over (the rate window)
 RAMP_HEADROOM = 0.9  # utilization cap multiplier while a ramp is forecast
-Mix = tuple[tuple[RequestShape, float], ...]
 Recommendations = Mapping[str, tuple[tuple[float, int], ...]]  # stage -> (time, wanted)
 
 
@@ -69,6 +91,8 @@ class HybridState:
     rates: RatePoints = ()  # (time, arrival rate) for the trend
     recommendations: Recommendations = field(default_factory=dict)
     wait_scale: float = 1.0  # < 1 after SLO misses: a tighter wait budget
+    # stage -> (accelerator, smoothed mean service time of the mix there)
+    times: Mapping[str, tuple[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,8 +112,9 @@ class Need:
 
     predicted: int  # model only
     wanted: int  # model scaled by feedback, plus backlog
-    service_time_s: float
+    service_time_s: float  # instance-seconds per request at `batch`: t(B)/B
     why: str
+    batch: int = 1  # requests per call the model expects at the forecast rate
 
 
 class HybridPolicy(PolicyBase):
@@ -111,15 +136,28 @@ class HybridPolicy(PolicyBase):
         rates = rate_history(state.rates, now, rate)
         wait_scale = next_wait_scale(state.wait_scale, snapshot.slo_attainment)
         slack = queueing_slack(profile, knobs, mix, accs)
-        times = mean_service_times(profile, accs, mix)
+        cv2 = service_cv2(profile, accs, mix)
+        times = next_times(state.times, mean_service_times(profile, accs, mix), accs, cv2, rate)
         waits = split_wait(times, WAIT_SHARE * wait_scale * slack)
+        tails = tail_rules(profile, knobs, mix, accs, cv2)
         lead, horizon = lead_and_horizon(profile, knobs, slack)
         rate_ahead, ramp = forecast(rates, now, horizon)
         cap = utilization_cap(knobs.target_utilization, ramp)
         outlook = Outlook(rate, rate_ahead, lead, cap, knobs.drain_seconds)
-        ratios = next_ratios(state.ratios, snapshot, times)
+        costs = {s: profile.stages[s][accs[s]] for s in STAGES}
+        basis = observed_basis(snapshot, profile, accs, times)
+        ratios = next_ratios(state.ratios, snapshot, basis, cv2)
         needs = {
-            s: stage_need(queued_for(snapshot, s), times[s], ratios[s], waits[s], outlook)
+            s: stage_need(
+                queued_for(snapshot, s),
+                times[s],
+                ratios[s],
+                waits[s],
+                outlook,
+                costs[s].batch,
+                costs[s].max_batch,
+                tails[s],
+            )
             for s in STAGES
         }
         wanted, limited = bounded({s: needs[s].wanted for s in STAGES}, knobs, budget)
@@ -148,7 +186,11 @@ class HybridPolicy(PolicyBase):
             for s in STAGES
         }
         new_state = HybridState(
-            ratios=ratios, rates=rates, recommendations=recs, wait_scale=wait_scale
+            ratios=ratios,
+            rates=rates,
+            recommendations=recs,
+            wait_scale=wait_scale,
+            times={s: (accs[s], times[s]) for s in STAGES},
         )
         throughput = min(out[s].replicas / max(needs[s].service_time_s, 1e-9) for s in STAGES)
         return Decision(stages=out, state=new_state, predicted_throughput_rps=throughput)
@@ -214,33 +256,111 @@ def utilization_cap(target: float, ramp: float) -> float:
     return target * (RAMP_HEADROOM if ramp > 0 else 1.0)
 
 
-def next_ratios(
-    previous: Mapping[str, float], snapshot: Snapshot, predicted: Mapping[str, float]
+def observed_basis(
+    snapshot: Snapshot, profile: Profile, accs: Mapping[str, str], times: Mapping[str, float]
 ) -> dict[str, float]:
-    """The smoothed observed/predicted service-time ratio per stage (the scale factor)."""
+    """What each stage's observed service time should be if the model is right.
+
+    The observed time is instance-seconds per completed request, so on a stage
+    that batches it is t(B)/B at the batch its ready instances form at the rate
+    measured now, not t(1): batching must not read as a faster (or slower) GPU.
+    """
+    rate = max(0.0, snapshot.arrival_rps or 0.0)
+    out = dict(times)
+    for s in STAGES:
+        cost = profile.stages[s][accs[s]]
+        if cost.batching and s in snapshot.stages:
+            ready = max(1, snapshot.stages[s].ready)
+            size = batch_at_rate(rate / ready, times[s], cost.batch, cost.max_batch)
+            out[s] = times[s] * batch_factor(cost.batch, size) / size
+    return out
+
+
+def next_ratios(
+    previous: Mapping[str, float],
+    snapshot: Snapshot,
+    predicted: Mapping[str, float],
+    cv2: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """The smoothed observed/predicted service-time ratio per stage (the scale factor).
+
+    `cv2` (per stage, the mix's squared coefficient of variation of the service
+    time) says how noisy the observed mean is: over n completions of a mix of
+    one-second and four-minute requests it is off by cv/√n from the truth even
+    when the model is exact, so the noisier it is, the less it moves the ratio."""
     ratios = dict(previous)
     for s in STAGES:
-        observed = snapshot.stages[s].service_time_s
-        ratios[s] = _next_ratio(ratios.get(s, 1.0), observed, predicted[s])
+        obs = snapshot.stages[s]
+        gain = RATIO_SMOOTHING * _trust((cv2 or {}).get(s, 0.0), obs.throughput_rps)
+        ratios[s] = _next_ratio(ratios.get(s, 1.0), obs.service_time_s, predicted[s], gain)
     return ratios
 
 
-def _next_ratio(previous: float, observed: float | None, predicted: float) -> float:
+def next_times(
+    previous: Mapping[str, tuple[str, float]],
+    mix_times: Mapping[str, float],
+    accs: Mapping[str, str],
+    cv2: Mapping[str, float],
+    rate: float,
+) -> dict[str, float]:
+    """Per stage, the mean service time of the recent mix, smoothed as much as it is noisy.
+
+    A minute of a mix of one-second and four-minute requests holds a dozen long
+    ones, give or take four: the mean swings by a quarter from one window to the
+    next while the workload stays the same. One shape (cv 0) is taken as is."""
+    out = {}
+    for s in STAGES:
+        acc, before = previous.get(s, ("", math.nan))
+        now = mix_times[s]
+        if acc != accs[s] or not math.isfinite(before):
+            out[s] = now  # first round, or another accelerator: nothing to smooth with
+        else:
+            out[s] = before + _trust(cv2.get(s, 0.0), rate) * (now - before)
+    return out
+
+
+def _trust(cv2: float, per_second: float | None) -> float:
+    """In (0, 1]: how much to believe a mean over the window's requests (`per_second`
+    of them) of a workload whose squared coefficient of variation is `cv2`; 1 when its
+    relative error is well within RATIO_NOISE_OK."""
+    if cv2 <= 0:
+        return 1.0
+    completions = max(1.0, (per_second or 0.0) * OBSERVED_WINDOW_S)
+    error2 = cv2 / completions  # squared relative standard error of the mean
+    return 1 / (1 + error2 / RATIO_NOISE_OK**2)
+
+
+def _next_ratio(
+    previous: float, observed: float | None, predicted: float, gain: float = RATIO_SMOOTHING
+) -> float:
     if observed is None or observed <= 0 or predicted <= 0:
         return previous
     raw = min(max(observed / predicted, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
-    return previous + RATIO_SMOOTHING * (raw - previous)
+    return previous + gain * (raw - previous)
 
 
 def stage_need(
-    queued: float, predicted_t: float, ratio: float, wait: float, outlook: Outlook
+    queued: float,
+    predicted_t: float,
+    ratio: float,
+    wait: float,
+    outlook: Outlook,
+    batch: BatchTerm = (),
+    max_batch: int = 1,
+    tail: Tail = NO_TAIL,
 ) -> Need:
-    """The model's pool for the forecast, rescaled by feedback, plus pods to drain a backlog."""
+    """The model's pool for the forecast, rescaled by feedback, plus pods to drain a backlog.
+
+    `predicted_t` is one request's time alone; with `batch` and `max_batch` > 1 the
+    pool is sized for the batch the forecast rate forms, and the Need's service
+    time is per request at that batch. An unbatched pool also keeps `tail`."""
     ahead, cap = outlook.rate_ahead, outlook.utilization_cap
-    predicted = servers_for(ahead, predicted_t, wait, max_utilization=cap)
-    t = predicted_t * ratio
-    model = servers_for(ahead, t, wait, max_utilization=cap)
+    predicted = _pool(ahead, predicted_t, wait, cap, batch, max_batch, tail).servers
+    pool = _pool(ahead, predicted_t * ratio, wait, cap, batch, max_batch, tail)
+    model, t = pool.servers, pool.seconds_per_request
     why = f"{ahead:.3g} req/s x {t:.3g}s"
+    if pool.batch > 1:
+        why += f" at batch {pool.batch}"
     if abs(ratio - 1) >= 0.05:
         why += f" (observed/predicted {ratio:.2f})"
     expected_queue = outlook.rate * wait
@@ -249,7 +369,26 @@ def stage_need(
     if backlog > 1:
         extra = math.ceil(backlog * t / max(outlook.drain_s, outlook.lead_s))
         why += f", backlog {queued:.0f} +{extra}"
-    return Need(predicted=predicted, wanted=model + extra, service_time_s=t, why=why)
+    return Need(
+        predicted=predicted, wanted=model + extra, service_time_s=t, why=why, batch=pool.batch
+    )
+
+
+def _pool(
+    rate: float,
+    t: float,
+    wait: float,
+    cap: float,
+    batch: BatchTerm,
+    max_batch: int,
+    tail: Tail,
+) -> Pool:
+    """The mean-wait pool; an unbatched one grown to keep the short requests' tail."""
+    pool = batched_servers_for(rate, t, wait, cap, batch, max_batch)
+    if pool.batch > 1 or not math.isfinite(tail.max_wait_s):
+        return pool  # a batching pool's short requests wait for a batch anyway
+    need = servers_for_tail(rate, t, tail.max_wait_s, tail.miss_share, tail.length_bias)
+    return pool if need <= pool.servers else replace(pool, servers=need)
 
 
 def bounded(
@@ -347,7 +486,9 @@ def _scale_down(
         return current, f"holding {current}: scale-down window ({need.why})"
     if (current - target) / current <= knobs.tolerance:
         return current, f"holding {current}: within tolerance ({need.why})"
-    carrying = math.ceil(rate * need.service_time_s / knobs.target_utilization)
+    # A batching pool runs near busy by design; its headroom is the larger batch.
+    cap = knobs.target_utilization if need.batch == 1 else 1.0
+    carrying = math.ceil(rate * need.service_time_s / cap)
     if target < carrying:  # never below what carries the load measured now
         target = carrying
         if target >= current:

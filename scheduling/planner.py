@@ -6,6 +6,13 @@ minimum under a GPU budget (the balance rule E:D ≈ t_e:t_d of docs/calibration
 falls out of it); `plan_for_rate` finds the cheapest pipeline that carries a
 rate with a queueing delay the SLO can absorb. With several accelerator types,
 every assignment of one type per stage is tried.
+
+Batching (a stage whose profile allows more than one request per call): a rate
+plan sizes each stage for the batch its instances settle at under that rate
+(capacity.batched_servers_for), never the best case; a budget plan's throughput
+is the most the pipeline carries, when the bottleneck's queue never empties and
+it runs its largest batch, and the other stages run the batch that rate forms.
+A mix is batched at its mean service time.
 """
 
 from __future__ import annotations
@@ -17,8 +24,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from disagfusion.scheduling.budget import gpus_by_accelerator, max_min, within_counts
-from disagfusion.scheduling.capacity import servers_for
-from disagfusion.scheduling.profile import Profile, RequestShape, parse_slo
+from disagfusion.scheduling.capacity import batched_servers_for
+from disagfusion.scheduling.profile import (
+    Profile,
+    RequestShape,
+    StageCost,
+    batch_at_rate,
+    batch_capacity,
+    batch_factor,
+    parse_slo,
+)
 from disagfusion.scheduling.stages import STAGES
 
 Mix = tuple[tuple[RequestShape, float], ...]
@@ -34,8 +49,10 @@ class StagePlan:
     replicas: int
     accelerator: str
     gpus_per_instance: int
-    service_time_s: float  # mean over the mix
+    service_time_s: float  # mean over the mix: instance-seconds per request, t(B)/B
     throughput_rps: float  # replicas / service time (inf for a zero-cost stage)
+    batch: int = 1  # requests per call the plan assumes
+    max_batch: int = 1  # the most the profile allows (1: no batching)
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class Plan:
                     "gpus_per_instance": s.gpus_per_instance,
                     "service_time_s": round(s.service_time_s, 6),
                     "throughput_rps": _finite(s.throughput_rps),
+                    **({"batch": s.batch, "max_batch": s.max_batch} if s.max_batch > 1 else {}),
                 }
                 for name, s in self.stages.items()
             },
@@ -87,21 +105,37 @@ def _assignments(profile: Profile) -> list[dict[str, str]]:
     return [dict(zip(STAGES, combo, strict=True)) for combo in itertools.product(*options)]
 
 
+def _cost(profile: Profile, assignment: Mapping[str, str], stage: str) -> StageCost:
+    return profile.stages[stage][assignment[stage]]
+
+
+def _per_request(
+    profile: Profile, assignment: Mapping[str, str], stage: str, t: float, b: int
+) -> float:
+    """Instance-seconds one request costs at batch `b` when one alone takes `t`."""
+    return t * batch_factor(_cost(profile, assignment, stage).batch, b) / b if b > 1 else t
+
+
 def _build(
     profile: Profile,
     assignment: Mapping[str, str],
     times: Mapping[str, float],
     n: Mapping[str, int],
+    batches: Mapping[str, int] | None = None,
 ) -> Plan:
+    """`times` are batch-1 seconds; each stage runs at `batches` (default 1)."""
     stages = {}
     for s in STAGES:
-        t = times[s]
+        b, cost = (batches or {}).get(s, 1), _cost(profile, assignment, s)
+        t = _per_request(profile, assignment, s, times[s], b)
         stages[s] = StagePlan(
             replicas=n[s],
             accelerator=assignment[s],
             gpus_per_instance=profile.gpus_per_instance(s, assignment[s]),
             service_time_s=t,
             throughput_rps=n[s] / t if t > 0 else math.inf,
+            batch=b,
+            max_batch=cost.max_batch if cost.batching else 1,
         )
     bottleneck = min(STAGES, key=lambda s: stages[s].throughput_rps)  # first on ties
     return Plan(
@@ -139,10 +173,11 @@ def plan_for_gpus(profile: Profile, gpus: int, mix: Mix | None = None) -> Plan:
         times = mean_service_times(profile, assignment, mix)
         per = {s: profile.gpus_per_instance(s, assignment[s]) for s in STAGES}
         smallest = min(smallest, sum(per.values()))
-        rates = {s: 1 / t if t > 0 else math.inf for s, t in times.items()}
+        best_batch = {s: _saturated(profile, assignment, s, t) for s, t in times.items()}
+        rates = {s: r for s, (r, _) in best_batch.items()}
         ones = {s: 1 for s in STAGES}
         n = max_min(rates, per, assignment, gpus, ones, accelerator_counts=counts)
-        plan = _build(profile, assignment, times, n)
+        plan = _build(profile, assignment, times, n, {s: b for s, (_, b) in best_batch.items()})
         if plan.gpus > gpus or not _fits_counts(profile, plan):
             continue  # one instance per stage does not fit this assignment
         plan = _trim(profile, assignment, times, plan)
@@ -161,6 +196,16 @@ def plan_for_gpus(profile: Profile, gpus: int, mix: Mix | None = None) -> Plan:
     return best
 
 
+def _saturated(
+    profile: Profile, assignment: Mapping[str, str], stage: str, t: float
+) -> tuple[float, int]:
+    """(requests/s one instance completes with a queue that never empties, at what batch)."""
+    if t <= 0:
+        return math.inf, 1
+    cost = _cost(profile, assignment, stage)
+    return batch_capacity(t, cost.batch, cost.max_batch)
+
+
 def _trim(
     profile: Profile, assignment: Mapping[str, str], times: Mapping[str, float], plan: Plan
 ) -> Plan:
@@ -169,11 +214,15 @@ def _trim(
     if not math.isfinite(target):
         return plan
     n = {s: p.replicas for s, p in plan.stages.items()}
+    batches = {}
     for s in STAGES:
-        # The fewest instances with n/t >= target; the small slack absorbs float error.
-        need = max(1, math.ceil(target * times[s] * (1 - _REL_TIE)))
+        cost, t = _cost(profile, assignment, s), times[s]
+        # The fewest instances with n·rate >= target; the small slack absorbs float error.
+        per_request = 1 / _saturated(profile, assignment, s, t)[0] if cost.batching else t
+        need = max(1, math.ceil(target * per_request * (1 - _REL_TIE)))
         n[s] = min(n[s], need)
-    trimmed = _build(profile, assignment, times, n)
+        batches[s] = batch_at_rate(target / n[s], t, cost.batch, cost.max_batch)
+    trimmed = _build(profile, assignment, times, n, batches)
     # A stage trimmed to exactly the target must not steal the bottleneck by rounding.
     return replace(trimmed, throughput_rps=target, bottleneck=plan.bottleneck)
 
@@ -252,10 +301,19 @@ def plan_for_rate(
         except ValueError as err:
             reasons.append(str(err))
             continue
-        n = {
-            s: max(1, servers_for(rate_rps, times[s], waits[s], target_utilization)) for s in STAGES
+        pools = {
+            s: batched_servers_for(
+                rate_rps,
+                times[s],
+                waits[s],
+                target_utilization,
+                _cost(profile, assignment, s).batch,
+                _cost(profile, assignment, s).max_batch,
+            )
+            for s in STAGES
         }
-        plan = _build(profile, assignment, times, n)
+        n = {s: max(1, p.servers) for s, p in pools.items()}
+        plan = _build(profile, assignment, times, n, {s: p.batch for s, p in pools.items()})
         if not _fits_counts(profile, plan):
             pool = ", ".join(f"{a.count} {a.name}" for a in profile.accelerators if a.count)
             reasons.append(f"more GPUs than the pool has ({pool})")

@@ -7,19 +7,27 @@ A profile says, per stage and accelerator, how long one request takes:
 `a` is fixed overhead (a text encoder's cost does not depend on the image),
 `b` scales with pixels (VAE decoding), `c` with pixels·steps (the DiT's
 linear layers) and `d` with pixels²·steps (attention over all tokens).
-The planner, the policies and the simulator all read service times from here.
+
+A stage may also run several requests in one call. Its optional `batch` term
+gives t(B)/t(1) at measured batch sizes B (`batch: {"2": 1.1, "4": 1.6}`),
+and `max_batch` the most requests one call may hold (default: the largest
+measured B; 1 turns batching off). How big a batch gets depends on the load:
+`batch_at_rate`. The planner, the policies and the simulator all read service
+times from here.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from disagfusion.scheduling.stages import STAGES, stages_in
 
 COEFFICIENTS = ("a", "b", "c", "d")
+FIELDS = (*COEFFICIENTS, "memory_gb")
 DEFAULT_SLO = "2x"  # the SLO a policy or simulation assumes when neither it nor the profile has one
 
 
@@ -56,6 +64,57 @@ class Accelerator:
     count: int | None = None  # how many the cluster has; None: only the GPU budget limits
 
 
+# Batching: one call with B requests of a shape takes t(B) = t(1)·batch_factor(B).
+# A profile gives the factor at a few measured sizes ({"2": 1.1, "4": 1.6}), per stage
+# and accelerator, measured at the profile's default request (the gain shrinks as the
+# request grows: a large image already fills the GPU); `max_batch` is the most
+# requests one call may hold. No term, or max_batch 1: every request runs alone.
+BatchTerm = tuple[tuple[int, float], ...]  # ((B, t(B)/t(1)), ...), B ascending, from B=2
+
+
+def batch_factor(term: BatchTerm, size: int) -> float:
+    """t(B)/t(1): how much longer one call with `size` requests takes than one with
+    a single request. Piecewise linear through (1, 1) and the term's points; past
+    the last point the throughput stays at the last point's (factor ∝ B): a gain
+    nobody measured is not assumed. No term: B (no gain)."""
+    if size <= 1:
+        return 1.0
+    points = ((1, 1.0), *term)
+    for (b0, f0), (b1, f1) in itertools.pairwise(points):
+        if size <= b1:
+            return f0 + (f1 - f0) * (size - b0) / (b1 - b0)
+    last_size, last_factor = points[-1]
+    return last_factor * size / last_size
+
+
+def batch_at_rate(arrival_rps: float, seconds: float, term: BatchTerm, max_batch: int) -> int:
+    """The batch size one instance settles at when requests arrive at `arrival_rps`
+    and a batch takes seconds·batch_factor(B): with no added wait, the next batch
+    is what arrived during the last one, so the smallest B with λ·t(B) <= B.
+    `max_batch` when even that does not keep up (the instance is overloaded)."""
+    if arrival_rps <= 0 or seconds <= 0:
+        return 1
+    for size in range(1, max(1, max_batch) + 1):
+        if arrival_rps * seconds * batch_factor(term, size) <= size:
+            return size
+    return max(1, max_batch)
+
+
+def batched_rate(seconds: float, term: BatchTerm, size: int) -> float:
+    """Requests per second one instance completes at batch `size`."""
+    if seconds <= 0:
+        return math.inf
+    return size / (seconds * batch_factor(term, size))
+
+
+def batch_capacity(seconds: float, term: BatchTerm, max_batch: int) -> tuple[float, int]:
+    """(the most requests/s one instance completes at any batch up to `max_batch`, that
+    batch): what it carries once its queue never empties."""
+    rates = [(batched_rate(seconds, term, b), -b) for b in range(1, max(1, max_batch) + 1)]
+    rate, size = max(rates)  # ties: the smaller batch (less latency for the same rate)
+    return rate, -size
+
+
 @dataclass(frozen=True)
 class StageCost:
     """Service-time model of one stage on one accelerator."""
@@ -65,10 +124,22 @@ class StageCost:
     c: float = 0.0
     d: float = 0.0
     memory_gb: float = 0.0
+    batch: BatchTerm = ()  # measured batch factors; () = batch 1 only (no gain)
+    max_batch: int = 1  # most requests per call; 1: no batching whatever the term says
 
     def seconds(self, shape: RequestShape) -> float:
         p = shape.megapixels
         return self.a + self.b * p + self.c * p * shape.steps + self.d * p * p * shape.steps
+
+    def batch_seconds(self, shape: RequestShape, size: int) -> float:
+        """One call with `size` requests of `shape`."""
+        return self.seconds(shape) * batch_factor(self.batch, size)
+
+    @property
+    def batching(self) -> bool:
+        """Whether running several requests per call can gain anything here: allowed
+        (max_batch > 1) and measured (a batch term; without one a batch gains nothing)."""
+        return self.max_batch > 1 and bool(self.batch)
 
 
 @dataclass(frozen=True)
@@ -155,6 +226,67 @@ def parse_shape(data: Any, path: str, problems: list[str]) -> RequestShape:
     return RequestShape(**values)
 
 
+def parse_batch_term(data: Any, path: str, problems: list[str]) -> BatchTerm:
+    """{"2": 1.1, "4": 1.6} (batch size -> t(B)/t(1)) -> ((2, 1.1), (4, 1.6)).
+
+    Factors must not fall as B grows, and a batch may not be slower than its
+    requests one by one (factor <= B)."""
+    if not isinstance(data, Mapping):
+        problems.append(f'{path}: must map batch sizes to time factors, like {{"4": 1.6}}')
+        return ()
+    points: list[tuple[int, float]] = []
+    for key, value in data.items():
+        try:
+            size = int(key)
+        except (TypeError, ValueError):
+            size = 0
+        if size < 2 or str(size) != str(key).strip():
+            problems.append(f"{path}.{key}: a batch size must be an integer >= 2")
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            problems.append(f"{path}.{key}: must be a number")
+            continue
+        if not 1.0 <= value <= size:
+            problems.append(f"{path}.{key}: a factor must be in 1..{size}, got {value}")
+            continue
+        points.append((size, float(value)))
+    points.sort()
+    for (b0, f0), (b1, f1) in itertools.pairwise(points):
+        if f1 < f0:
+            problems.append(f"{path}: the factor at {b1} ({f1}) is below the one at {b0} ({f0})")
+    return tuple(points)
+
+
+def default_max_batch(term: BatchTerm) -> int:
+    """A file's `max_batch` when it gives none: the largest batch it measured (1 if none)."""
+    return term[-1][0] if term else 1
+
+
+def _max_batch(value: Any, term: BatchTerm, path: str, problems: list[str]) -> int:
+    if value is None:
+        return default_max_batch(term)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        problems.append(f"{path}.max_batch: must be an integer >= 1, got {value!r}")
+        return 1
+    return value
+
+
+def with_max_batch(profile: Profile, max_batch: int) -> Profile:
+    """`profile` with every stage's batch limit set to `max_batch` (1: no batching), as
+    when the serving runtime is started with that limit."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max batch must be an integer >= 1, got {max_batch!r}")
+    stages = {
+        stage: {acc: replace(cost, max_batch=max_batch) for acc, cost in per_acc.items()}
+        for stage, per_acc in profile.stages.items()
+    }
+    return replace(profile, stages=stages)
+
+
 def parse_slo(text: str) -> tuple[str, float]:
     """'30s' -> ('seconds', 30.0); '2x' -> ('slowdown', 2.0). ValueError names the problem."""
     raw = text.strip().lower()
@@ -224,11 +356,16 @@ def parse_profile(data: Any, name: str = "") -> Profile:
             if not isinstance(coeffs, Mapping):
                 problems.append(f"{path}: must be an object with a, b, c, d, memory_gb")
                 continue
-            unknown = sorted(set(coeffs) - {*COEFFICIENTS, "memory_gb"})
+            unknown = sorted(set(coeffs) - {*COEFFICIENTS, "memory_gb", "batch", "max_batch"})
             if unknown:
                 problems.append(f"{path}: unknown field(s) {', '.join(unknown)}")
+            term = parse_batch_term(coeffs.get("batch", {}), f"{path}.batch", problems)
             stages[stage][acc_name] = StageCost(
-                **{k: _number(problems, coeffs, k, path, 0.0) for k in (*COEFFICIENTS, "memory_gb")}
+                **{
+                    k: _number(problems, coeffs, k, path, 0.0) for k in (*COEFFICIENTS, "memory_gb")
+                },
+                batch=term,
+                max_batch=_max_batch(coeffs.get("max_batch"), term, path, problems),
             )
     default_request = parse_shape(data.get("default_request", {}), "default_request", problems)
     startup = _number(problems, data, "startup_seconds", "profile", 60.0)
@@ -288,10 +425,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
             "steps": profile.default_request.steps,
         },
         "stages": {
-            stage: {
-                acc: {k: getattr(cost, k) for k in (*COEFFICIENTS, "memory_gb") if getattr(cost, k)}
-                for acc, cost in per_acc.items()
-            }
+            stage: {acc: _cost_to_dict(cost) for acc, cost in per_acc.items()}
             for stage, per_acc in profile.stages.items()
         },
     }
@@ -300,4 +434,15 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
     }
     if defaults:
         out["defaults"] = defaults
+    return out
+
+
+def _cost_to_dict(cost: StageCost) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: getattr(cost, k) for k in (*COEFFICIENTS, "memory_gb") if getattr(cost, k)
+    }
+    if cost.batch:
+        out["batch"] = {str(size): factor for size, factor in cost.batch}
+    if cost.max_batch != default_max_batch(cost.batch):
+        out["max_batch"] = cost.max_batch
     return out

@@ -100,13 +100,26 @@ BUILTIN_TRACES: dict[str, str] = {
     "diurnal": "24 h sinusoid between 0.15x and 0.7x capacity, Poisson arrivals, default request",
     "mix-shift": "4 h: the heavy share moves 10% -> 90% from light requests (steps/6, one frame)"
     " to the default request; the rate keeps the offered GPU work at 0.55x capacity",
+    "mixed-light-heavy": "2 h of Poisson arrivals, 85% light (half size, steps/6, one frame)"
+    " and 15% the default request, at 0.55x capacity; meant for a 3x slowdown SLO",
 }
+# The SLO a builtin trace is meant for, where it has one (`disagfusion simulate` uses it
+# when --slo is not given): a slowdown SLO makes a light request's deadline tight.
+BUILTIN_TRACE_SLOS: dict[str, str] = {"mixed-light-heavy": "3x"}
+MIXED_HEAVY_SHARE = 0.15
 _MIX_GRID = 16  # mix-shift: capacity is computed at this many heavy shares, then interpolated
 
 
 def light_shape(default: RequestShape) -> RequestShape:
     """mix-shift's light request: a few-step image (one frame) of the default size."""
     return RequestShape(default.width, default.height, 1, max(1, default.steps // 6))
+
+
+def small_light_shape(default: RequestShape) -> RequestShape:
+    """mixed-light-heavy's light request: a few-step image at half the default's sides."""
+    return RequestShape(
+        max(1, default.width // 2), max(1, default.height // 2), 1, max(1, default.steps // 6)
+    )
 
 
 def _capacity_rps(
@@ -188,6 +201,19 @@ def builtin_trace(
 
         def shape(t: float, u: float) -> RequestShape:
             return heavy if u < share(t) else light
+
+    elif name == "mixed-light-heavy":
+        duration = 2 * 3600.0
+        small = small_light_shape(heavy)
+        mixed = _capacity_rps(
+            profile, budget, ((small, 1 - MIXED_HEAVY_SHARE), (heavy, MIXED_HEAVY_SHARE))
+        )
+
+        def rate(t: float) -> float:
+            return 0.55 * mixed
+
+        def shape(t: float, u: float) -> RequestShape:
+            return heavy if u < MIXED_HEAVY_SHARE else small
 
     else:
         cap = _capacity_rps(profile, budget, ((heavy, 1.0),))

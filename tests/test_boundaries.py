@@ -32,6 +32,7 @@ OPERATOR_IO = {
 PURE_WORKER = [
     "worker/params.py",
     "worker/gateway/api.py",
+    "worker/gateway/slo.py",
     "worker/runtime/dispatch.py",
     "worker/local/restarts.py",
 ]

@@ -29,10 +29,13 @@ SECONDS_BUCKETS = (
 )
 
 
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
 class StageMetrics:
     """Metrics of one stage worker (encoder, denoiser, decoder or monolithic)."""
 
-    def __init__(self, stage: str, pipeline: str, model: str) -> None:
+    def __init__(self, stage: str, pipeline: str, model: str, queue_order: str = "fifo") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         labels = {"stage": stage, "pipeline": pipeline}
@@ -41,9 +44,29 @@ class StageMetrics:
         Gauge(
             "disagfusion_worker_info",
             "Static facts about this worker.",
-            [*names, "model"],
+            [*names, "model", "queue_order"],
             registry=r,
-        ).labels(stage=stage, pipeline=pipeline, model=model).set(1)
+        ).labels(stage=stage, pipeline=pipeline, model=model, queue_order=queue_order).set(1)
+        self.max_batch = Gauge(
+            "disagfusion_stage_max_batch",
+            "Requests one pipeline call of this worker may take (1: no batching).",
+            names,
+            registry=r,
+        ).labels(**labels)
+        self.batch_size = Histogram(
+            "disagfusion_stage_batch_size",
+            "Requests per pipeline call.",
+            names,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.batch_wait = Histogram(
+            "disagfusion_stage_batch_wait_seconds",
+            "Time the head of a batch waited for the batch to fill (--batch-wait-ms).",
+            names,
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        ).labels(**labels)
         self.ready = Gauge(
             "disagfusion_stage_ready",
             "1 when the worker has loaded its model and accepts work.",
@@ -82,7 +105,7 @@ class StageMetrics:
         ).labels(**labels)
         self.service_time = Histogram(
             "disagfusion_stage_service_time_seconds",
-            "Compute time per request in this stage.",
+            "Compute time per request in this stage (a batch's time shared by its requests).",
             names,
             buckets=SECONDS_BUCKETS,
             registry=r,
@@ -189,6 +212,12 @@ class GatewayMetrics:
             ["pipeline", "model"],
             registry=r,
         ).labels(pipeline=pipeline, model=model).set(1)
+        self.slo_outcomes = Counter(
+            "disagfusion_gateway_slo_total",
+            "Requests answered with an SLO deadline (--slo), by whether they met it.",
+            ["pipeline", "outcome"],
+            registry=r,
+        )
         self.latency = Histogram(
             "disagfusion_gateway_request_duration_seconds",
             "End-to-end latency of image requests, by outcome status code.",
@@ -235,3 +264,6 @@ class GatewayMetrics:
     def observe(self, code: int, seconds: float) -> None:
         self.requests.labels(pipeline=self.pipeline, code=str(code)).inc()
         self.latency.labels(pipeline=self.pipeline, code=str(code)).observe(seconds)
+
+    def slo(self, met: bool) -> None:
+        self.slo_outcomes.labels(pipeline=self.pipeline, outcome="met" if met else "missed").inc()

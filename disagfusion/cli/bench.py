@@ -18,13 +18,16 @@ from disagfusion.cli.common import (
 
 def register(sub: Any) -> None:
     """Add `bench` (and its `transport` mode) to the `disagfusion` parser."""
-    b = sub.add_parser(
-        "bench", help="throughput/latency: async vs sync vs monolithic", formatter_class=HELP
-    )
+    from disagfusion.worker.local import bench as serving
     from disagfusion.worker.local import bench_transport
-    from disagfusion.worker.local.bench import add_bench_args
 
-    add_bench_args(b)
+    b = sub.add_parser(
+        "bench",
+        help="throughput/latency: async (per batch setting) vs sync vs monolithic",
+        description=serving.__doc__,
+        formatter_class=HELP,
+    )
+    serving.add_bench_args(b)
     add_transport_args(b)
     b.set_defaults(func=_cmd_bench)
     # Optional, so that plain `disagfusion bench [flags]` stays the serving benchmark.

@@ -120,6 +120,34 @@ def add_handoff_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+QUEUE_ORDERS = ("fifo", "edf")  # scheduling/queue_order.py (a test keeps them equal)
+
+
+def add_batching_args(p: argparse.ArgumentParser) -> None:
+    """Dynamic batching and queue order of the stage workers."""
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=None,
+        help="requests one pipeline call may take (1: no batching; default: by model,"
+        " 4 for image models and 1 for video denoising and decoding)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=0.0,
+        help="how long a batch's first request waits for more (0: batch only what is"
+        " already queued, never adding idle time)",
+    )
+    p.add_argument(
+        "--queue-order",
+        choices=QUEUE_ORDERS,
+        default="fifo",
+        help="fifo: arrival order; edf: earliest SLO deadline first (the gateway's --slo),"
+        " with an aging bound so nothing starves",
+    )
+
+
 TRANSPORTS = ("grpc", "shm", "torch", "nixl")  # worker/transport BACKENDS
 
 

@@ -79,9 +79,26 @@ def register(sub: Any) -> None:
         default=3600.0,
         help="seconds a video job may run before it fails",
     )
+    g.add_argument(
+        "--slo",
+        type=_slo,
+        default=None,
+        help="stamp each request with this SLO's deadline ('30s', or '3x' its predicted"
+        " unloaded time): the order stages with --queue-order edf serve in",
+    )
     add_handoff_args(g)
     add_transport_args(g)
     g.set_defaults(func=_cmd_gateway)
+
+
+def _slo(text: str) -> str:
+    from disagfusion.scheduling.profile import parse_slo
+
+    try:
+        parse_slo(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -117,6 +134,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 job_store=args.job_store or "",
                 video_retention_s=args.video_retention,
                 video_timeout_s=args.video_timeout,
+                slo=args.slo,
                 transport=transport,
                 transport_options=transport_options,
             )

@@ -22,6 +22,7 @@ from disagfusion.scheduling.profile import (
     RequestShape,
     parse_profile,
     profile_to_dict,
+    with_max_batch,
 )
 from disagfusion.scheduling.stages import STAGES
 
@@ -172,6 +173,13 @@ def _register_plan(sub: Any) -> None:
         metavar="U",
         help="with --rate: the busy share each stage may run at",
     )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        metavar="N",
+        help="the most requests one call of any stage may hold, as the workers' limit"
+        " (1: no batching; default: each stage's max_batch in the profile)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
@@ -224,6 +232,13 @@ def _register_profile(sub: Any) -> None:
     )
     m.add_argument("--quick", action="store_true", help="measure fewer, smaller shapes")
     m.add_argument(
+        "--batch-sizes",
+        default="1,2,4,8",
+        metavar="B,B",
+        help="batch sizes to time each stage at on the default request, for the profile's"
+        " batch term (1: no batch term)",
+    )
+    m.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -244,6 +259,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ProfileError as err:
         return _error(f"profile {args.profile}: {err}")
     try:
+        if args.max_batch is not None:
+            profile = with_max_batch(profile, args.max_batch)
         plan, goal = _make_plan(args, profile)
     except ValueError as err:
         return _error(str(err))
@@ -279,7 +296,9 @@ def _check_carries(plan: Plan, rate: float, utilization: float) -> None:
     """The planner caps a stage's instances (capacity.servers_for's limit): say so rather
     than print a plan that does not carry the rate."""
     for name, s in plan.stages.items():
-        if rate * s.service_time_s > s.replicas * utilization * (1 + 1e-9):
+        # A batching stage runs near busy by design (its headroom is the larger batch).
+        busy = utilization if s.batch == 1 else 1.0
+        if rate * s.service_time_s > s.replicas * busy * (1 + 1e-9):
             raise ValueError(
                 f"cannot carry {rate:g} req/s: the {name} stage would need more than"
                 f" {s.replicas:,} instances"
@@ -288,10 +307,19 @@ def _check_carries(plan: Plan, rate: float, utilization: float) -> None:
 
 def _print_plan(plan: Plan, heading: str) -> None:
     print(heading)
-    print(f"{'stage':<10}{'replicas':>9}  {'accelerator':<14}{'GPUs/inst':>9}{'req/s':>12}")
+    batching = any(s.max_batch > 1 for s in plan.stages.values())
+    batch_head = f"{'batch':>8}" if batching else ""
+    print(
+        f"{'stage':<10}{'replicas':>9}  {'accelerator':<14}{'GPUs/inst':>9}{'req/s':>12}"
+        + batch_head
+    )
     for name, s in plan.stages.items():
         rps = plain_number(s.throughput_rps)
-        print(f"{name:<10}{s.replicas:>9}  {s.accelerator:<14}{s.gpus_per_instance:>9}{rps:>12}")
+        batch = f"{f'{s.batch}/{s.max_batch}':>8}" if batching else ""
+        print(
+            f"{name:<10}{s.replicas:>9}  {s.accelerator:<14}{s.gpus_per_instance:>9}{rps:>12}"
+            + batch
+        )
     print(
         f"throughput {plain_number(plan.throughput_rps)} req/s, {plan.gpus} GPUs, "
         f"cost {money(plan.cost_per_hour)}, bottleneck {plan.bottleneck}"
@@ -322,11 +350,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if args.repeats < 1 or (args.threads is not None and args.threads < 1):
             return _error("--repeats and --threads must be >= 1")
         require_extra("worker")
-        from disagfusion.worker.local.profiler import profile_model
+        from disagfusion.worker.local.profiler import parse_batch_sizes, profile_model
 
         try:
             data = profile_model(
-                args.model, args.device, args.repeats, args.quick, args.dtype, args.threads
+                args.model,
+                args.device,
+                args.repeats,
+                args.quick,
+                args.dtype,
+                args.threads,
+                batch_sizes=parse_batch_sizes(args.batch_sizes),
             )
         except (ValueError, RuntimeError) as err:  # bad model/device/dtype
             return _error(str(err))

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 from disagfusion.cli.common import (
     HELP,
+    add_batching_args,
     add_handoff_args,
     add_job_store_args,
     add_model_args,
@@ -104,9 +105,27 @@ def register(sub: Any) -> None:
         help="with --autoscale: performance profile, a file or builtin:NAME"
         " (default: rough CPU costs of builtin:tiny-unet, corrected by feedback)",
     )
+    add_batching_args(s)
+    s.add_argument(
+        "--slo",
+        default=None,
+        help="the gateway stamps each request with the deadline of this SLO ('30s', or '3x'"
+        " its predicted unloaded time), which --queue-order edf serves by",
+    )
     add_handoff_args(s)
     add_transport_args(s)
     s.set_defaults(func=_cmd_serve)
+
+
+def _slo_problem(slo: str | None) -> str | None:
+    from disagfusion.scheduling.profile import parse_slo
+
+    try:
+        if slo is not None:
+            parse_slo(slo)
+    except ValueError as err:
+        return f"--slo: {err}"
+    return None
 
 
 def _job_store_args(args: argparse.Namespace) -> list[str]:
@@ -129,7 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     from disagfusion.worker.models import describe_model
 
-    problem = _autoscale_problem(args)
+    problem = _autoscale_problem(args) or _slo_problem(args.slo)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -157,6 +176,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_workers=args.max_workers if args.autoscale else 0,
             shutdown_drain_s=args.drain_timeout,
             served_model_name=args.served_model_name,
+            max_batch=args.max_batch,
+            batch_wait_ms=args.batch_wait_ms,
+            queue_order=args.queue_order,
+            slo=args.slo,
             gateway_args=_job_store_args(args),
         ),
         report=_log_line,

@@ -3,7 +3,13 @@ each scaling policy and compare latency, SLO attainment and GPU-hours.
 
     disagfusion simulate --trace builtin:diurnal --profile builtin:qwen-image-h100 \\
         --policy static-disagg,hybrid,oracle --json --plot out.png
+    disagfusion simulate --trace builtin:mixed-light-heavy --profile builtin:qwen-image-h100 \\
+        --policy hybrid,oracle --queue-order fifo,edf --json
     disagfusion simulate --list --json
+
+With one --queue-order the JSON is {..., "policies": {NAME: row}}; with several
+it is {..., "queue_orders": {ORDER: {"policies": {NAME: row}}}}, one entry per
+order in the order given.
     disagfusion simulate --dump-trace builtin:burst -o t.jsonl
 """
 
@@ -59,13 +65,30 @@ def register(sub: Any) -> None:
         "--gpus", type=int, metavar="N", help="GPU budget (default: the profile's defaults.gpus)"
     )
     p.add_argument(
-        "--slo", help="latency SLO, '30s' or '2x' (default: the profile's defaults.slo, else 2x)"
+        "--slo",
+        help="latency SLO, '30s' or '2x' (default: the builtin trace's own SLO if it has one,"
+        " e.g. 3x for builtin:mixed-light-heavy, else the profile's defaults.slo, else 2x)",
     )
     p.add_argument(
         "--policy",
         metavar="P1,P2",
         help="comma-separated policies: static-monolithic, static-disagg, threshold, hpa,"
         " hybrid, oracle (default: all)",
+    )
+    p.add_argument(
+        "--queue-order",
+        metavar="O1,O2",
+        default="fifo",
+        help="comma-separated stage queue orders to compare: fifo, or edf (earliest SLO"
+        " deadline first, aged so nothing starves) (default: fifo)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="most same-shape requests an instance serves in one call, taking the profile's"
+        " batch factor (default: 1, no batching)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
@@ -235,9 +258,25 @@ def _simulate(args: argparse.Namespace) -> int:
 
     if args.plot is not None:
         require_extra("plot")  # before a simulation that may run for minutes
+    from disagfusion.scheduling.queue_order import QUEUE_ORDERS
+    from disagfusion.scheduling.traces import BUILTIN_TRACE_SLOS
+
+    orders = [o.strip() for o in args.queue_order.split(",") if o.strip()]
+    bad_orders = [o for o in orders if o not in QUEUE_ORDERS]
+    if bad_orders or not orders:
+        raise UsageError(
+            f"unknown queue order {', '.join(bad_orders) or '(none)'}"
+            f" (known: {', '.join(QUEUE_ORDERS)})"
+        )
+    if len(set(orders)) != len(orders):
+        raise UsageError(f"--queue-order names an order twice: {args.queue_order}")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     profile = _profile(args.profile)
     gpus = _budget(args, profile)
-    slo = profile.slo_or_default(args.slo)
+    trace_slo = BUILTIN_TRACE_SLOS.get((args.trace or "").removeprefix(BUILTIN_PREFIX))
+    builtin = (args.trace or "").startswith(BUILTIN_PREFIX)
+    slo = profile.slo_or_default(args.slo or (trace_slo if builtin else None))
     try:
         parse_slo(slo)
     except ValueError as err:
@@ -253,43 +292,60 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.noise < 0:
         raise UsageError(f"--noise must be >= 0, got {args.noise}")
     requests = _trace(args.trace, args, profile, gpus)
-    cfg = SimConfig(
-        gpus=gpus,
-        slo=slo,
-        max_queue=args.max_queue or 10 * gpus,
-        seed=args.seed,
-        noise_sigma=args.noise,
-        record=args.plot is not None,
-    )
-    results = []
+    by_order: dict[str, list[SimResult]] = {}
     accelerators: dict[str, dict[str, list[str]]] = {}
-    for name in names:
-        start = time.perf_counter()
-        try:
-            policy = AcceleratorLog(make_policy(name, profile, requests, gpus, slo))
-            results.append(simulate(profile, requests, policy, cfg))
-            accelerators[name] = policy.used
-        except (SimulationError, ValueError) as err:
-            raise UsageError(f"policy {name}: {err}") from None
-        if args.timing:
-            wall = time.perf_counter() - start
-            print(f"{name}: {wall:.2f} s wall for {len(requests)} requests", file=sys.stderr)
-    out = {
+    for order in orders:
+        cfg = SimConfig(
+            gpus=gpus,
+            slo=slo,
+            max_queue=args.max_queue or 10 * gpus,
+            seed=args.seed,
+            noise_sigma=args.noise,
+            record=args.plot is not None,
+            queue_order=order,
+            max_batch=args.max_batch,
+        )
+        results = by_order[order] = []
+        for name in names:
+            start = time.perf_counter()
+            try:
+                policy = AcceleratorLog(make_policy(name, profile, requests, gpus, slo))
+                results.append(simulate(profile, requests, policy, cfg))
+                accelerators[name] = policy.used
+            except (SimulationError, ValueError) as err:
+                raise UsageError(f"policy {name}: {err}") from None
+            if args.timing:
+                wall = time.perf_counter() - start
+                label = f"{name} ({order})" if len(orders) > 1 else name
+                print(f"{label}: {wall:.2f} s wall for {len(requests)} requests", file=sys.stderr)
+    out: dict[str, Any] = {
         "trace": args.trace,
         "profile": profile.name,
         "gpus": gpus,
         "slo": slo,
         "requests": len(requests),
         "duration_s": round(requests[-1].t, 3) if requests else 0.0,
-        "policies": {r.policy: r.summary() for r in results},
     }
+    if args.max_batch > 1:
+        out["max_batch"] = args.max_batch
+    rows = {o: {"policies": {r.policy: r.summary() for r in rs}} for o, rs in by_order.items()}
+    if len(orders) == 1:
+        out.update(rows[orders[0]])
+    else:
+        out["queue_orders"] = rows
     if args.plot is not None:
-        title = f"{args.trace} on {profile.name}, {gpus} GPUs, SLO {slo}"
-        _plot(results, args.plot, plot_context(title, profile, requests, slo, accelerators))
+        first = orders[0]  # one figure: the first order's runs
+        title = f"{args.trace} on {profile.name}, {gpus} GPUs, SLO {slo}, {first} queues"
+        context = plot_context(title, profile, requests, slo, accelerators)
+        _plot(by_order[first], args.plot, context)
     if args.json:
         print(json.dumps(out, indent=2))
-    else:
+    elif len(orders) == 1:
         _print_table(out)
+    else:
+        for order, row in rows.items():
+            print(f"queue order {order}:")
+            _print_table({**out, **row})
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from disagfusion.cli.common import (
     HELP,
+    add_batching_args,
     add_handoff_args,
     add_model_args,
     add_transport_args,
@@ -61,6 +62,7 @@ def register(sub: Any) -> None:
         default=120.0,
         help="seconds a SIGTERMed worker may spend finishing what it holds",
     )
+    add_batching_args(w)
     add_handoff_args(w)
     add_transport_args(w)
     w.set_defaults(func=_cmd_worker)
@@ -89,6 +91,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         transport=transport,
         transport_options=transport_options,
+        max_batch=args.max_batch,
+        batch_wait_s=args.batch_wait_ms / 1e3,
+        queue_order=args.queue_order,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
         raise SystemExit(f"error: --next is required for the {opts.role} stage")

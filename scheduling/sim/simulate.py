@@ -1,11 +1,20 @@
 """Discrete-event simulation of a disaggregated pipeline driven by a real policy (pure).
 
 The cluster: per stage a pool of instances on one accelerator type, fed by
-one work-conserving FIFO queue. A request runs encoder -> denoiser ->
-decoder; each hop adds `profile.handoff_seconds` of latency (the instance is
-free at once: the hand-off overlaps the next compute). Service time is the
-profile's prediction times lognormal(0, sigma) noise, drawn once per request
-and stage from a seeded `random.Random`.
+one work-conserving queue served in `SimConfig.queue_order` (queue_order.py:
+"fifo", or "edf" by the request's SLO deadline with an aging bound). A
+request runs encoder -> denoiser -> decoder; each hop adds
+`profile.handoff_seconds` of latency (the instance is free at once: the
+hand-off overlaps the next compute). Service time is the profile's prediction
+times lognormal(0, sigma) noise, drawn once per request and stage from a
+seeded `random.Random`.
+
+Batching: an instance that frees up takes the queue's head and up to
+`max_batch` - 1 more queued requests of the head's shape, and serves them in
+one call of `StageCost.batch_seconds(shape, B)` (the head's noise). It never
+waits for a batch to fill (work-conserving). Observed service time is the
+call's seconds over its B requests. With max_batch 1 (the default) this is
+one request at a time.
 
 Scaling follows Kubernetes: a new instance holds its GPUs from creation and
 serves after `profile.startup_seconds`; pods that do not fit the GPU budget
@@ -47,9 +56,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagfusion.scheduling.budget import gpus_by_accelerator, within_counts
-from disagfusion.scheduling.profile import Profile, RequestShape, parse_slo
+from disagfusion.scheduling.profile import Profile, RequestShape, batch_factor, parse_slo
+from disagfusion.scheduling.queue_order import DEFAULT_AGING_S, OrderedQueue, slo_deadline
 from disagfusion.scheduling.scaling import Knobs, Policy, Snapshot, StageObservation
-from disagfusion.scheduling.stages import MONOLITHIC, STAGES
+from disagfusion.scheduling.stages import MONOLITHIC, STAGES, stages_in
 from disagfusion.scheduling.stats import percentiles
 from disagfusion.scheduling.traces import TraceRequest
 
@@ -122,6 +132,28 @@ class SimConfig:
     seed: int = 0
     noise_sigma: float = 0.1
     record: bool = False  # keep the timeline and completion times (plots)
+    queue_order: str = "fifo"  # queue_order.QUEUE_ORDERS
+    queue_aging_s: float = DEFAULT_AGING_S  # edf: nothing waits behind later deadlines longer
+    # Most requests one call serves: one number for every stage, or per stage (missing: 1).
+    max_batch: int | Mapping[str, int] = 1
+
+    def batch_limit(self, pool: str) -> int:
+        """Max batch of `pool`; a monolithic instance runs a batch through every stage."""
+        limits = self.max_batch
+        if isinstance(limits, int):
+            return limits
+        return min(limits.get(s, 1) for s in stages_in(pool))
+
+    def __post_init__(self) -> None:
+        limits = self.max_batch
+        values = [limits] if isinstance(limits, int) else list(limits.values())
+        if not isinstance(limits, int):
+            unknown = sorted(set(limits) - set(STAGES))
+            if unknown:
+                raise ValueError(f"max_batch: unknown stage(s) {', '.join(unknown)}")
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"max_batch must be an integer >= 1, got {value!r}")
 
 
 def warm_sizes(
@@ -204,6 +236,14 @@ class Simulator:
             ]
             for s in STAGES
         ]
+        # Batch terms by [stage][acc]; factors by (stage, acc, B) are cached in `factor`.
+        self.terms = [
+            [profile.stages[s][a].batch if a in profile.stages[s] else () for a in self.acc_names]
+            for s in STAGES
+        ]
+        self.factors: dict[tuple[int, int, int], float] = {}
+        self.max_batch = [cfg.batch_limit(pool) for pool in self.pools]
+        OrderedQueue(cfg.queue_order, cfg.queue_aging_s)  # a bad order fails here, not mid-run
         rng = random.Random(cfg.seed)
         sigma, n = cfg.noise_sigma, len(requests)
         self.noise = [
@@ -223,6 +263,14 @@ class Simulator:
     def run(self) -> SimResult:
         return _Run(self).go()
 
+    def factor(self, stage: int, acc: int, size: int) -> float:
+        """batch_factor of `stage` on `acc` at batch `size` (cached: the loop asks often)."""
+        key = (stage, acc, size)
+        value = self.factors.get(key)
+        if value is None:
+            value = self.factors[key] = batch_factor(self.terms[stage][acc], size)
+        return value
+
 
 class _Run:
     """The mutable state of one simulation (kept apart so a Simulator can run twice)."""
@@ -233,7 +281,14 @@ class _Run:
         self.acc = [sim.profile.default_accelerator(pool) for pool in sim.pools]
         self.acc_i = [sim.acc_names.index(a) for a in self.acc]
         self.unloaded = [0.0] * len(sim.arrivals)  # per request: noise-free compute seconds
-        self.queue: list[deque[int]] = [deque() for _ in range(k)]
+        cfg = sim.cfg
+        self.queue = [OrderedQueue[int](cfg.queue_order, cfg.queue_aging_s) for _ in range(k)]
+        self.edf = cfg.queue_order == "edf"
+        # edf: per request its SLO deadline, set at the gateway from the shape's unloaded
+        # latency on the pools' accelerators then (`deadline_after`, per shape id).
+        self.deadline = [0.0] * len(sim.arrivals) if self.edf else []
+        self.deadline_after: list[float] = []
+        self.batch_of: list[list[int]] = []  # per instance: the requests of its batch call
         self.idle: list[list[int]] = [[] for _ in range(k)]
         self.starting: list[list[int]] = [[] for _ in range(k)]
         self.busy = [0] * k
@@ -298,6 +353,7 @@ class _Run:
         self.i_pool.append(pool)
         self.i_acc.append(self.sim.acc_names.index(acc))
         self.i_gpus.append(g)
+        self.batch_of.append([])
         self.alloc += g
         self.acc_alloc[acc] += g
         self.cost_rate += g * self.price[acc]
@@ -373,11 +429,47 @@ class _Run:
         self.unloaded[r] += base
         heapq.heappush(self.heap, (t + st, _DONE, inst, r, st))
 
+    def _start_batch(self, p: int, inst: int, batch: list[int], t: float) -> None:
+        """One call serving every request of `batch` (one shape) on `inst`."""
+        sim = self.sim
+        self.busy_int[p] += self.busy[p] * (t - self.busy_t[p])
+        self.busy_t[p] = t
+        self.busy[p] += 1
+        a, head, size = self.i_acc[inst], batch[0], len(batch)
+        k = sim.shape_of[head]
+        stages = range(len(STAGES)) if sim.mono else (p,)
+        base = sum(sim.base[s][a][k] for s in stages)
+        st = sum(sim.base[s][a][k] * sim.factor(s, a, size) * sim.noise[s][head] for s in stages)
+        for r in batch:
+            self.unloaded[r] += base
+        self.batch_of[inst] = batch
+        heapq.heappush(self.heap, (t + st, _DONE, inst, -1, st))
+
     def _serve_or_idle(self, p: int, inst: int) -> None:
         if self.queue[p]:
-            self._start(p, inst, self.queue[p].popleft(), self.now)
+            self._take(p, inst, self.now)
         else:
             self.idle[p].append(inst)
+
+    def _take(self, p: int, inst: int, t: float) -> None:
+        """`inst` serves the head of its (non-empty) queue, batched when allowed."""
+        batch = self.queue[p].pop_batch(self.sim.max_batch[p])
+        if len(batch) == 1:
+            self._start(p, inst, batch[0], t)
+        else:
+            self._start_batch(p, inst, batch, t)
+
+    def _set_deadlines(self) -> None:
+        """edf: per shape, the SLO deadline after arrival for the current accelerators."""
+        sim = self.sim
+        hops = 0.0 if sim.mono else sim.profile.handoff_seconds * (len(STAGES) - 1)
+        accs = [self.acc_i[0]] * len(STAGES) if sim.mono else self.acc_i
+        self.deadline_after = [
+            slo_deadline(
+                0.0, sum(sim.base[s][accs[s]][k] for s in range(len(STAGES))) + hops, sim.cfg.slo
+            )
+            for k in range(len(sim.shapes))
+        ]
 
     # -- the snapshot the operator would build ------------------------------------------
     def _snapshot(self, t: float) -> Snapshot:
@@ -467,6 +559,8 @@ class _Run:
                 self.scale_events += not ready
                 self._scale(p, target, acc)
         self._schedule(ready)
+        if self.edf:
+            self._set_deadlines()
         return decision.state
 
     # -- the loop ----------------------------------------------------------------------
@@ -500,6 +594,7 @@ class _Run:
         in_system = 0
         end = arrivals[-1] + DRAIN_LIMIT_S if n else 0.0
         inf = math.inf
+        edf, max_batch = self.edf, sim.max_batch
         while i < n or in_system:
             t_ev = heap[0][0] if heap else inf
             t_arr = arrivals[i] if i < n else inf
@@ -511,21 +606,23 @@ class _Run:
                     self.busy_int[p] += self.busy[p] * (t - self.busy_t[p])
                     self.busy_t[p] = t
                     self.busy[p] -= 1
-                    self.comps[p] += 1
+                    served = (r,) if r >= 0 else self.batch_of[inst]  # r < 0: a batch call
+                    self.comps[p] += len(served)
                     self.comp_s[p] += st
-                    if p == last:
-                        lat = t - arrivals[r]
-                        ok = lat <= (slo_x * (self.unloaded[r] + hops) if slo_x else slo_s)
-                        latencies.append(lat)
-                        met += ok
-                        self.slo_q.append((t, ok))
-                        self.slo_met += ok
-                        in_system -= 1
-                        if cfg.record:
-                            done_times.append(t)
-                    else:
-                        self.handing[p] += 1
-                        heappush(heap, (t + hop, _HOP, p + 1, r, 0.0))
+                    for r in served:
+                        if p == last:
+                            lat = t - arrivals[r]
+                            ok = lat <= (slo_x * (self.unloaded[r] + hops) if slo_x else slo_s)
+                            latencies.append(lat)
+                            met += ok
+                            self.slo_q.append((t, ok))
+                            self.slo_met += ok
+                            in_system -= 1
+                            if cfg.record:
+                                done_times.append(t)
+                        else:
+                            self.handing[p] += 1
+                            heappush(heap, (t + hop, _HOP, p + 1, r, 0.0))
                     if self.draining[p] and (self.i_acc[inst] != self.acc_i[p] or self.owed[p]):
                         if self.i_acc[inst] == self.acc_i[p]:
                             self.owed[p] -= 1
@@ -533,7 +630,11 @@ class _Run:
                         self._free(inst)
                         self._schedule()
                     elif queue[p]:
-                        self._start(p, inst, queue[p].popleft(), t)
+                        batch = queue[p].pop_batch(max_batch[p])
+                        if len(batch) == 1:
+                            self._start(p, inst, batch[0], t)
+                        else:
+                            self._start_batch(p, inst, batch, t)
                     else:
                         idle[p].append(inst)
                 elif kind == _HOP:
@@ -542,7 +643,9 @@ class _Run:
                     if idle[p] and not queue[p]:
                         self._start(p, idle[p].pop(), r, t)
                     else:
-                        queue[p].append(r)
+                        key = sim.shape_of[r] if max_batch[p] > 1 else None
+                        deadline = self.deadline[r] if edf else None
+                        queue[p].push(r, arrival=t, deadline=deadline, key=key)
                 elif self.i_state[inst] == 0:  # _READY, unless removed while starting
                     p = self.i_pool[inst]
                     self.i_state[inst] = 1
@@ -560,10 +663,14 @@ class _Run:
                     self.slo_q.append((t, 0))
                     continue
                 in_system += 1
+                if edf:
+                    self.deadline[r] = t + self.deadline_after[sim.shape_of[r]]
                 if idle[0] and not queue[0]:
                     self._start(0, idle[0].pop(), r, t)
                 else:
-                    queue[0].append(r)
+                    key = sim.shape_of[r] if max_batch[0] > 1 else None
+                    deadline = self.deadline[r] if edf else None
+                    queue[0].push(r, arrival=t, deadline=deadline, key=key)
             else:
                 if next_tick > end:
                     break

@@ -218,7 +218,8 @@ def test_dump_trace_as_the_readme_shows(tmp_path: Path) -> None:
 def test_simulate_list_json() -> None:
     doc = json.loads(ok(disagfusion("simulate", "--list", "--json")))
     assert {p["name"] for p in doc["profiles"]} == {f"builtin:{n}" for n in BUILTIN_PROFILES}
-    assert "builtin:mix-shift" in [t["name"] for t in doc["traces"]]
+    names = [t["name"] for t in doc["traces"]]
+    assert "builtin:mix-shift" in names and "builtin:mixed-light-heavy" in names
     assert "hybrid" in doc["policies"]
 
 

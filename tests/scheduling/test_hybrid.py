@@ -12,6 +12,7 @@ from disagfusion.scheduling.forecast import forecast
 from disagfusion.scheduling.hybrid import (
     RAMP_HEADROOM,
     RATIO_BOUNDS,
+    WAIT_SHARE,
     HybridPolicy,
     HybridState,
     Need,
@@ -20,6 +21,7 @@ from disagfusion.scheduling.hybrid import (
     hold_reason,
     lead_and_horizon,
     next_ratios,
+    next_times,
     stabilize,
     stage_need,
     trim_to_budget,
@@ -27,6 +29,13 @@ from disagfusion.scheduling.hybrid import (
 )
 from disagfusion.scheduling.profile import STAGES, Profile, RequestShape
 from disagfusion.scheduling.scaling import Decision, Knobs, Snapshot, StageObservation
+from disagfusion.scheduling.short_requests import (
+    NO_TAIL,
+    TAIL_MISS_SHARE,
+    service_cv2,
+    short_shape,
+    tail_rules,
+)
 
 QWEN = builtin_profile("qwen-image-h100")  # encoder 0.26 s, denoiser 25.3 s, decoder 0.31 s
 POLICY = HybridPolicy()
@@ -357,3 +366,67 @@ def test_trim_to_budget_trims_the_last_stages_growth_first() -> None:
         sized, current, dict.fromkeys(STAGES, 1), dict.fromkeys(STAGES, "H100"), 16
     )
     assert fits == sized
+
+
+# --- short requests under a slowdown SLO (issue #13: the mixed light/heavy trace) -----
+
+WAN = builtin_profile("wan2.1-14b-t2v-h100")  # heavy: denoiser 253 s, decoder 2.4 s
+WAN_ACCS = dict.fromkeys(STAGES, "H100")
+WAN_LIGHT = RequestShape(416, 240, 1, 8)  # about 1 s through the pipeline
+WAN_MIX = ((WAN_LIGHT, 0.85), (WAN.default_request, 0.15))
+
+
+def test_short_shape_is_the_mixs_fast_end() -> None:
+    assert short_shape(WAN, WAN_ACCS, WAN_MIX) == WAN_LIGHT
+    # 3 % light is under SHORT_SHARE (5 %): the short requests are the heavy ones.
+    rare = ((WAN_LIGHT, 0.03), (WAN.default_request, 0.97))
+    assert short_shape(WAN, WAN_ACCS, rare) == WAN.default_request
+
+
+def test_tail_rules_only_where_short_requests_have_less_slack_than_the_mean() -> None:
+    cv2 = service_cv2(WAN, WAN_ACCS, WAN_MIX)
+    assert cv2["denoiser"] > 4 and cv2["encoder"] == pytest.approx(0, abs=1e-9)  # alike
+    slowdown = tail_rules(WAN, replace(FAST, slo="3x"), WAN_MIX, WAN_ACCS, cv2)
+    light = WAN.unloaded_latency(WAN_LIGHT, WAN_ACCS)
+    assert slowdown["denoiser"].max_wait_s == pytest.approx((1 - WAIT_SHARE) * 2 * light)
+    assert slowdown["denoiser"].length_bias == pytest.approx(1 + cv2["denoiser"])
+    assert slowdown["denoiser"].miss_share == TAIL_MISS_SHARE
+    seconds = tail_rules(WAN, replace(FAST, slo="600s"), WAN_MIX, WAN_ACCS, cv2)
+    assert all(t == NO_TAIL for t in seconds.values())  # short ones have the most slack
+    one = ((WAN.default_request, 1.0),)
+    alone = tail_rules(WAN, replace(FAST, slo="3x"), one, WAN_ACCS, service_cv2(WAN, WAN_ACCS, one))
+    assert all(t == NO_TAIL for t in alone.values())
+
+
+def test_light_requests_behind_heavy_ones_get_headroom() -> None:
+    sizes = {"encoder": 3, "denoiser": 60, "decoder": 2}
+    tight = run([snap(0, sizes, 1.34, WAN, mix=WAN_MIX)], replace(FAST, slo="3x"), WAN)[0]
+    loose = run([snap(0, sizes, 1.34, WAN, mix=WAN_MIX)], replace(FAST, slo="1000x"), WAN)[0]
+    t, lo = tight.replicas(), loose.replicas()
+    # 0.2 heavy req/s x 253 s is 51 busy denoisers: a light one finds them all busy
+    # far more often than 1 % at the mean-wait size, and then waits seconds.
+    assert t["denoiser"] >= lo["denoiser"] + 8
+    assert t["decoder"] >= 3 > lo["decoder"]
+    assert t == {s: tight.stages[s].predicted for s in STAGES}
+
+
+def test_next_times_smooth_a_noisy_mix_and_take_one_shape_as_is() -> None:
+    before = {s: ("H100", 40.0) for s in STAGES}
+    now = dict.fromkeys(STAGES, 50.0)
+    noisy = next_times(before, now, WAN_ACCS, dict.fromkeys(STAGES, 5.6), rate=1.3)
+    assert 40.0 < noisy["denoiser"] < 41.0  # a dozen heavy ones a minute: barely moves
+    exact = next_times(before, now, WAN_ACCS, dict.fromkeys(STAGES, 0.0), rate=1.3)
+    assert exact["denoiser"] == 50.0
+    moved = next_times(before, now, dict.fromkeys(STAGES, "L40S"), {}, rate=1.3)
+    assert moved["denoiser"] == 50.0  # another accelerator: nothing to smooth with
+    assert next_times({}, now, WAN_ACCS, dict.fromkeys(STAGES, 5.6), 1.3) == now
+
+
+def test_next_ratios_move_less_on_a_noisy_observed_mean() -> None:
+    times = dict.fromkeys(STAGES, 10.0)
+    s = snap(0, ONES, rate=1.0, observed=dict.fromkeys(STAGES, 20.0))
+    s = replace(s, stages={k: replace(v, throughput_rps=1.0) for k, v in s.stages.items()})
+    calm = next_ratios({}, s, times, dict.fromkeys(STAGES, 0.0))
+    noisy = next_ratios({}, s, times, dict.fromkeys(STAGES, 5.6))
+    assert calm["denoiser"] == pytest.approx(1.3)
+    assert 1.0 < noisy["denoiser"] < 1.05

@@ -240,6 +240,18 @@ def test_profiler_predicts_what_it_measured(measured: dict[str, Any]) -> None:
         assert r["seconds"] / 3 <= predicted <= r["seconds"] * 3, r
 
 
+def test_profiler_fits_a_batch_term_for_each_stage(measured: dict[str, Any]) -> None:
+    profile = parse_profile(measured)
+    acc = profile.accelerators[0].name
+    timed = {(r["stage"], r["batch"]) for r in measured["batch_measurements"]}
+    assert timed == {(s, b) for s in STAGES for b in (1, 2, 4, 8)}
+    for stage in STAGES:
+        term = profile.stages[stage][acc].batch
+        assert [b for b, _ in term] == [2, 4, 8], stage
+        factors = [f for _, f in term]
+        assert all(1 <= f <= b for b, f in term) and factors == sorted(factors), term
+
+
 def test_profile_show_and_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["profile", "--show", "builtin:qwen-image-h100", "--json"]) == 0
     shown = parse_profile(json.loads(capsys.readouterr().out))

@@ -235,7 +235,13 @@ def test_simulate_list_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--list", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [t["name"] for t in out["traces"]]
-    assert names == ["builtin:steady", "builtin:burst", "builtin:diurnal", "builtin:mix-shift"]
+    assert names == [
+        "builtin:steady",
+        "builtin:burst",
+        "builtin:diurnal",
+        "builtin:mix-shift",
+        "builtin:mixed-light-heavy",
+    ]
     assert all("relative" in t["description"] for t in out["traces"])
     assert "builtin:qwen-image-h100" in [p["name"] for p in out["profiles"]]
     assert "hybrid" in out["policies"] and "oracle" in out["policies"]

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from disagfusion.worker.local.launcher import free_port
+
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port("127.0.0.1")
 
 
 class RedisServer:

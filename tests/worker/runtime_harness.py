@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -25,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.worker.local.launcher import free_port as launcher_free_port
 from disagfusion.worker.metrics import HandoffMetrics
 from disagfusion.worker.params import GenerationParams, WorkerRole
 from disagfusion.worker.runtime.payload import (
@@ -46,18 +46,11 @@ ROLE: WorkerRole = "decoder"
 
 # ----------------------------------------------------------------------------- helpers
 
-_used_ports: set[int] = set()
-
 
 def free_port() -> int:
-    """A port nobody in this process has used yet (gRPC binds with SO_REUSEPORT)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port not in _used_ports:
-            _used_ports.add(port)
-            return port
+    """A port nobody in this process has used yet (the launcher's rule: below the
+    ephemeral range, so no outgoing connection takes it before the bind)."""
+    return launcher_free_port(HOST)
 
 
 async def wait_until(cond: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
@@ -245,6 +238,10 @@ class Cluster:
         port: int | None = None,
         transport: str = "grpc",
         transport_options: dict[str, str] | None = None,
+        max_batch: int | None = None,
+        batch_wait_s: float = 0.0,
+        queue_order: str = "fifo",
+        clock: Callable[[], float] = time.time,
     ) -> Stage:
         runtime = StageRuntime(
             RuntimeConfig(
@@ -256,7 +253,11 @@ class Cluster:
                 drain_timeout_s=WAIT_S,
                 transport=transport,
                 transport_options=transport_options or {},
+                max_batch=max_batch,
+                batch_wait_s=batch_wait_s,
+                queue_order=queue_order,
             ),
+            clock=clock,
             input_error=input_error,
         )
         addr = await self.serve(runtime, port)

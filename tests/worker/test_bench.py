@@ -72,6 +72,11 @@ def test_report_is_params_once_then_one_result_per_mode() -> None:
         "handoff_delay_auto": False,
         "handoff_jitter_ms": 1.5,
         "transport": "grpc",
+        "max_batch": None,
+        "batch_wait_ms": 0.0,
+        "queue_order": None,
+        "ratio": "flags",
+        "stage_service_ms": None,
     }
 
 
@@ -86,7 +91,7 @@ def test_every_flag_has_help_and_shows_its_default() -> None:
     for action in p._actions:
         assert action.help and action.help.strip(), action.option_strings
     text = " ".join(p.format_help().split())
-    for shown in ("(default: 24)", "(default: 128x128)", "(default: async,sync,monolithic)"):
+    for shown in ("(default: 96)", "(default: async,sync,monolithic)"):
         assert shown in text
 
 

@@ -165,9 +165,9 @@ def test_generate_cli_in_process_baseline(tmp_path: Path) -> None:
     assert decode_mp4(out.read_bytes())[0].shape == (5, 48, 64, 3)
 
 
-def _long_job(c: Any) -> str:
+def _long_job(c: Any, steps: int = 150) -> str:
     # Long enough to kill the gateway while the denoiser works on it.
-    extra = {"num_frames": "9", "num_inference_steps": "150", "seed": "3"}
+    extra = {"num_frames": "9", "num_inference_steps": str(steps), "seed": "3"}
     return c.videos.create(prompt=PROMPT, size="64x48", extra_body=extra).id
 
 
@@ -214,7 +214,10 @@ def test_deleting_a_running_job_frees_the_denoiser(tmp_path: Path) -> None:
     with ServeLocal(tmp_path / "logs", *args) as server:
         server.wait_serving()
         c = client(server)
-        job = _long_job(c)
+        # Far longer than the test: if the cancel did not reach the denoiser,
+        # the quick job would wait behind it (150 steps could end on their own
+        # between the first progress report and the delete on a slow machine).
+        job = _long_job(c, steps=3000)
         wait_until("the job ran", lambda: c.videos.retrieve(job).progress > 0)
         c.videos.delete(job)
         # The next job starts at once: the denoiser dropped the deleted one.
@@ -227,5 +230,7 @@ def test_deleting_a_running_job_frees_the_denoiser(tmp_path: Path) -> None:
         )
         assert quick.status == "completed"
         assert time.monotonic() - started < 30
-        denoiser_log = (tmp_path / "logs").glob("denoiser*.log")
-        assert any("dropped" in p.read_text() for p in denoiser_log)
+        logs = list((tmp_path / "logs").glob("denoiser*.log"))
+        wait_until(
+            "the denoiser logged the drop", lambda: any("dropped" in p.read_text() for p in logs)
+        )

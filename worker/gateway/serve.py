@@ -58,6 +58,7 @@ class GatewayOptions:
     video_retention_s: float = 86400.0
     video_timeout_s: float = 3600.0
     transport: str = "grpc"
+    slo: str | None = None
     transport_options: dict[str, str] = field(default_factory=dict)
 
 
@@ -172,6 +173,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
             video=info.is_video,
             transport=opts.transport,
             transport_options=opts.transport_options,
+            slo=opts.slo,
         )
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)

@@ -32,6 +32,7 @@ from disagfusion.worker.gateway.api import (
     images_response,
     parse_images_request,
 )
+from disagfusion.worker.gateway.slo import SloDeadlines
 from disagfusion.worker.metrics import GatewayMetrics
 from disagfusion.worker.params import GenerationParams
 from disagfusion.worker.probes import add_probe_routes
@@ -103,6 +104,7 @@ class GatewayConfig:
     video: bool = False  # a video model: the Videos API serves it, not the Images API
     transport: str = "grpc"  # how results reach us (and prompts leave), where peers accept it
     transport_options: dict[str, str] = field(default_factory=dict)
+    slo: str | None = None  # stamps SLO deadlines on requests (the stages' EDF order)
 
 
 class Gateway(pb_grpc.StageServicer):
@@ -112,6 +114,7 @@ class Gateway(pb_grpc.StageServicer):
         self.config = config
         self.metrics = GatewayMetrics(config.pipeline, config.model)
         self._clock = clock
+        self._slo = SloDeadlines(config.slo) if config.slo else None
         self._channels = ChannelCache()
         self.transports = Transports.open(config.transport, config.transport_options)
         self._pools = {
@@ -260,6 +263,7 @@ class Gateway(pb_grpc.StageServicer):
             params=params,
             tensors=dict(tensors or {}),
             deadline_unix=self._clock() + timeout,
+            slo_deadline_unix=self._slo.deadline(self._clock(), params) if self._slo else 0.0,
             reply_to=self.config.result_address,
             pipeline=self.config.pipeline,
             model=self.config.model,
@@ -324,6 +328,10 @@ class Gateway(pb_grpc.StageServicer):
             return
         self._completions.append(time.monotonic())
         latency = time.perf_counter() - self._started.get(result.request_id, time.perf_counter())
+        if self._slo is not None:
+            self._slo.observe(result.params, latency)
+            if result.slo_deadline_unix:
+                self.metrics.slo(self._clock() <= result.slo_deadline_unix)
         future.set_result(
             GeneratedImages(
                 result.request_id, pngs, result.params.image_seeds(), latency, videos, frames

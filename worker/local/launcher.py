@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,10 +47,41 @@ from disagfusion.worker.params import STAGES
 STAGE_STOP_TIMEOUT_S = 10.0
 
 
+# Ports handed out by this process: a child binds its port only seconds later,
+# so a second call must not return the same one in the meantime.
+_handed_out: set[int] = set()
+_LOWEST_PORT = 10000
+
+
+def _ephemeral_low() -> int:
+    """The kernel's lowest ephemeral port: outgoing connections of any process
+    take ports from there up, so a port below it cannot be taken by one
+    between our check and the child's bind (seen in CI with ports from bind(0))."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that is free now, outside the ephemeral range where possible, and
+    not handed out before by this process."""
+    low = _ephemeral_low()
+    if low > _LOWEST_PORT + 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LOWEST_PORT, low)
+            if port not in _handed_out and port_is_free(port, host):
+                _handed_out.add(port)
+                return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -102,6 +134,11 @@ class LocalOptions:
     transport: str = "grpc"  # every process sends with it (grpc where a peer lacks it)
     transport_options: dict[str, str] = field(default_factory=dict)
     queue_capacity: int = 2
+    # Batching and queue order of the stage workers (None: the worker's default).
+    max_batch: int | None = None
+    batch_wait_ms: float = 0.0
+    queue_order: str | None = None
+    slo: str | None = None  # the gateway stamps SLO deadlines with it (EDF's order)
     threads: int | None = None  # torch threads per worker; None: share the cores
     max_waiting: int = 32
     request_timeout_s: float = 300.0
@@ -188,6 +225,13 @@ class LocalCluster:
             ]
         return args
 
+    def _batching_args(self) -> list[str]:
+        o = self.opts
+        args = [] if o.max_batch is None else ["--max-batch", str(o.max_batch)]
+        if o.batch_wait_ms:
+            args += ["--batch-wait-ms", str(o.batch_wait_ms)]
+        return args + ([] if o.queue_order is None else ["--queue-order", o.queue_order])
+
     def threads_per_worker(self) -> int:
         """Split the cores between workers: oversubscribed torch threads stall each
         other (measured: a UNet step 20x slower with 2 threads per worker on 2 busy
@@ -225,6 +269,8 @@ class LocalCluster:
                     argv += ["--next", ",".join(next_addrs)]
                 if not o.overlap:
                     argv.append("--no-overlap")
+                if role != "monolithic":
+                    argv += self._batching_args()
                 argv += ["--threads", str(self.threads_per_worker())]
                 kids.append(Child(f"{role}-{i}", role, grpc_port, http_port, argv))
             self.workers[role] = kids[: o.counts()[role]]
@@ -256,6 +302,7 @@ class LocalCluster:
                 "--drain-timeout",
                 str(o.shutdown_drain_s),
                 *(["--served-model-name", o.served_model_name] if o.served_model_name else []),
+                *(["--slo", o.slo] if o.slo else []),
                 *o.gateway_args,
                 *self._common_args(delay=False),
             ],

@@ -9,6 +9,11 @@ least squares on relative error, so small and large shapes count alike:
     encoder: a          (the text encoder never sees the image size)
     decoder: a + b·P
     denoiser: a + c·P·steps + d·P²·steps
+
+Then each stage runs batches of B = 1, 2, 4, 8 copies of the default request
+(`StageModel.run_batch`), and t(B)/t(1) becomes the stage's batch term,
+clamped to 1..B and made non-decreasing (noise must not promise a batch
+that is slower than running alone, or a bigger batch that is cheaper).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,7 @@ from disagfusion.worker.models.loading import ModelInfo, describe_model
 from disagfusion.worker.params import GenerationParams
 
 PROMPT = "a photograph of a red fox in the snow"
+BATCH_SIZES = (1, 2, 4, 8)  # batch sizes measured at the default request
 # Which coefficients each stage's fit may use.
 _TERMS: dict[str, tuple[str, ...]] = {
     "encoder": ("a",),
@@ -91,6 +97,32 @@ def fit_stage(stage: str, measurements: Sequence[Measurement]) -> dict[str, floa
     return {t: float(f"{v:.6g}") for t, v in zip(terms, coeffs, strict=True) if v > 0}
 
 
+def fit_batch_term(seconds: Mapping[int, float]) -> dict[str, float]:
+    """Measured {B: t(B)} (B = 1 included) -> the profile's batch term {"B": t(B)/t(1)}:
+    each factor clamped to 1..B, and never below a smaller batch's factor."""
+    base = seconds.get(1, 0.0)
+    if base <= 0:
+        return {}
+    term: dict[str, float] = {}
+    floor = 1.0
+    for size in sorted(b for b in seconds if b > 1):
+        factor = min(max(seconds[size] / base, floor), float(size))
+        floor = factor
+        term[str(size)] = float(f"{factor:.4g}")
+    return term
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,4,8' -> (1, 2, 4, 8); batch 1 is always measured (the base of the factors)."""
+    try:
+        sizes = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(f"--batch-sizes {text!r}: use integers like 1,2,4,8") from None
+    if any(b < 1 for b in sizes):
+        raise ValueError(f"--batch-sizes {text!r}: every batch size must be >= 1")
+    return tuple(sorted(sizes | {1}))
+
+
 def measurement_shapes(info: ModelInfo, quick: bool) -> list[RequestShape]:
     """Sizes of 1x, 2x (and 4x) the default area per side, at two step counts."""
     width, height = info.default_size
@@ -138,6 +170,7 @@ class _Run:
     measurements: list[Measurement]
     load_s: dict[str, float]  # per stage: weights from disk onto the device
     memory_gb: dict[str, float]
+    batches: dict[str, dict[int, float]] = field(default_factory=dict)  # stage -> {B: t(B)}
 
 
 def profile_model(
@@ -149,8 +182,12 @@ def profile_model(
     threads: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    batch_sizes: Sequence[int] = BATCH_SIZES,
 ) -> dict[str, Any]:
     """Measure `model` on `device`; the profile's file form plus the raw measurements.
+
+    `batch_sizes` are the batches each stage is timed at on the default request
+    (batch 1 is always among them; only (1,): no batch term).
 
     `threads` sets torch's CPU threads for the run, as a worker's --threads
     does. None means 1 on a CPU: `serve --local` splits the cores between its
@@ -176,7 +213,8 @@ def profile_model(
     if threads:
         torch.set_num_threads(threads)
     try:
-        run = _measure(info, load_stage, device, dtype, repeats, quick, cache_dir, log)
+        sizes = tuple(sorted({1, *batch_sizes}))
+        run = _measure(info, load_stage, device, dtype, repeats, quick, cache_dir, log, sizes)
     finally:
         torch.set_num_threads(previous)
     accelerator = _accelerator(device)
@@ -195,6 +233,7 @@ def profile_model(
                 accelerator["name"]: {
                     **fit_stage(s, run.measurements),
                     "memory_gb": run.memory_gb[s],
+                    **_batch_fields(run.batches.get(s, {})),
                 }
             }
             for s in STAGES
@@ -210,7 +249,22 @@ def profile_model(
         {"stage": m.stage, **_shape_dict(m.shape), "seconds": round(m.seconds, 6)}
         for m in run.measurements
     ]
+    if run.batches:
+        out["batch_measurements"] = [
+            {"stage": s, "batch": b, "seconds": round(t, 6)}
+            for s, per in run.batches.items()
+            for b, t in per.items()
+        ]
     return out
+
+
+def _batch_fields(seconds: Mapping[int, float]) -> dict[str, Any]:
+    """The stage's batch term; `max_batch: 1` where no batch beat running alone."""
+    term = fit_batch_term(seconds)
+    if not term:
+        return {}
+    gains = any(factor < int(size) for size, factor in term.items())
+    return {"batch": term} if gains else {"batch": term, "max_batch": 1}
 
 
 def _measure(
@@ -222,6 +276,7 @@ def _measure(
     quick: bool,
     cache_dir: str | os.PathLike[str] | None,
     log: Callable[[str], None],
+    batch_sizes: Sequence[int] = (1,),
 ) -> _Run:
     import torch
 
@@ -264,7 +319,60 @@ def _measure(
             seconds = min(row[i] for row in samples)
             run.measurements.append(Measurement(name, shape, seconds))
             log(f"  {name} {shape.label()}: {seconds * 1e3:.1f} ms")
+        if len(batch_sizes) > 1:
+            per = _time_batches(stage, name, info, embeds, device, batch_sizes, repeats, elapsed)
+            if per:
+                run.batches[name] = per
+            log(f"  {name} batches: " + _batch_line(per))
     return run
+
+
+def _time_batches(
+    stage: Any,
+    name: str,
+    info: ModelInfo,
+    embeds: dict[str, Any],
+    device: str,
+    sizes: Sequence[int],
+    repeats: int,
+    elapsed: Callable[[Callable[[], Any]], float],
+) -> dict[int, float]:
+    """{B: fastest seconds of one run_batch call holding B copies of the default request};
+    {} when the stage never batches (its batch key is None)."""
+    shape = RequestShape(*info.default_size, info.default_frames, info.default_steps)
+    params = _params(info, shape)
+    inputs = _stage_inputs(stage, name, shape, embeds, device)
+    if stage.batch_key(params, inputs) is None:
+        return {}
+    calls = {b: functools.partial(_run_batch, stage, [(params, inputs)] * b) for b in sizes}
+    for call in calls.values():
+        elapsed(call)  # warm-up: each batch size allocates and picks kernels anew
+    samples = [{b: elapsed(call) for b, call in calls.items()} for _ in range(repeats)]
+    return {b: min(row[b] for row in samples) for b in sizes}
+
+
+def _run_batch(stage: Any, requests: list[tuple[GenerationParams, Any]]) -> None:
+    for outcome in stage.run_batch(requests):
+        if isinstance(outcome, Exception):
+            raise RuntimeError(f"a batch of {len(requests)} failed: {outcome}") from outcome
+
+
+def _batch_line(seconds: Mapping[int, float]) -> str:
+    if not seconds:
+        return "does not batch (no batch term)"
+    base = seconds[1]
+    return ", ".join(f"B={b} {t * 1e3:.1f} ms ({t / base:.2f}x)" for b, t in seconds.items())
+
+
+def _stage_inputs(
+    stage: Any, name: str, shape: RequestShape, embeds: dict[str, Any], device: str
+) -> dict[str, Any]:
+    """What a request brings `name` at `shape` (the denoiser: the encoder's output)."""
+    if name == "encoder":
+        return _encoder_inputs(stage, shape)
+    if name == "denoiser":
+        return embeds
+    return {"latents": _latents(stage, shape, device)}
 
 
 def _error(profile: Profile, m: Measurement) -> float:

@@ -8,10 +8,13 @@ the chained stages reproduce the monolithic pipeline bit for bit.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,6 +23,9 @@ from disagfusion.worker.models.builtin import quiet_progress
 from disagfusion.worker.models.families import Family, TensorSpec
 from disagfusion.worker.models.loading import ModelInfo, describe_model, read_components
 from disagfusion.worker.params import ROLES, GenerationParams
+from disagfusion.worker.progress import RequestCancelled
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -141,6 +147,115 @@ class StageModel:
     def run(
         self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        return self._compute(params, self._prepare(params, inputs))
+
+    # --- batching ---------------------------------------------------------
+
+    def default_max_batch(self) -> int:
+        """Requests one call may take when the worker is not told: images batch
+        (measured 2.1-2.35x at batch 4 for a tiny UNet at 64x64 on CPU; SGLang
+        1.8x at 2 on H200 at 512²), video clips are too large to hold several."""
+        if self.role == "monolithic" or self.role not in self.family.batch_roles:
+            return 1
+        return 1 if self.info.is_video and self.role != "encoder" else 4
+
+    def batch_key(
+        self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
+    ) -> Hashable | None:
+        """Requests with equal keys can share one pipeline call; None: never batched.
+
+        Everything one call takes once must be equal (size, frames, steps,
+        guidance, what the family adds); tensors are joined along their first
+        dimension, which must be the request's images, with equal trailing shapes."""
+        if self.role == "monolithic" or self.role not in self.family.batch_roles:
+            return None
+        tensors = []
+        for name, tensor in sorted(inputs.items()):
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+                return None
+            if tensor.shape[0] != params.num_images:
+                return None
+            tensors.append((name, tuple(tensor.shape[1:]), str(tensor.dtype)))
+        if self.role == "encoder":
+            return ("encoder", self.family.uses_cfg(params), tuple(tensors))
+        return (
+            self.role,
+            params.width,
+            params.height,
+            params.num_frames,
+            params.num_inference_steps if self.role == "denoiser" else 0,
+            params.guidance_scale if self.role == "denoiser" else 0.0,
+            self.family.uses_cfg(params),
+            tuple(tensors),
+            self.family.batch_key(params),
+        )
+
+    def run_batch(
+        self, requests: Sequence[tuple[GenerationParams, Mapping[str, torch.Tensor]]]
+    ) -> list[dict[str, torch.Tensor] | Exception]:
+        """One result or exception per request, in order.
+
+        A request that fails validation fails alone; requests with equal batch
+        keys run as one pipeline call, and a call that fails is retried one by
+        one so only the request at fault fails."""
+        outcomes: list[dict[str, torch.Tensor] | Exception | None] = [None] * len(requests)
+        groups: dict[Hashable, list[tuple[int, GenerationParams, dict[str, torch.Tensor]]]] = {}
+        for i, (params, inputs) in enumerate(requests):
+            try:
+                tensors = self._prepare(params, inputs)
+            except StageInputError as err:
+                outcomes[i] = err
+                continue
+            key = self.batch_key(params, inputs)
+            groups.setdefault(("alone", i) if key is None else key, []).append((i, params, tensors))
+        for group in groups.values():
+            if len(group) > 1:
+                try:
+                    results = self._compute_group([(p, t) for _, p, t in group])
+                except RequestCancelled as err:
+                    for i, _, _ in group:
+                        outcomes[i] = err
+                    continue
+                except Exception as err:
+                    log.warning("a batch of %d failed (%s); running it one by one", len(group), err)
+                else:
+                    for (i, _, _), result in zip(group, results, strict=True):
+                        outcomes[i] = result
+                    continue
+            for i, params, tensors in group:
+                try:
+                    outcomes[i] = self._compute(params, tensors)
+                except Exception as err:
+                    outcomes[i] = err
+        return [o if o is not None else RuntimeError("not run") for o in outcomes]
+
+    def _compute_group(
+        self, group: Sequence[tuple[GenerationParams, dict[str, torch.Tensor]]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """One pipeline call for requests of one batch key, split back per request."""
+        counts = [p.num_images for p, _ in group]
+        merged = replace(group[0][0], num_images=sum(counts))
+        with self._lock, torch.inference_mode():
+            if self.role == "encoder":
+                return self.family.encode_many(
+                    self.pipe, [p for p, _ in group], self.device, [t for _, t in group]
+                )
+            joined = {name: torch.cat([t[name] for _, t in group]) for name in group[0][1]}
+            if self.role == "denoiser":
+                # Each image keeps its own generator: the same noise as alone.
+                generators = [g for p, _ in group for g in self._generators(p)]
+                latents = self.family.denoise(self.pipe, merged, joined, generators)
+                return [{LATENTS: part.clone()} for part in torch.split(latents, counts)]
+            images = self.family.decode(self.pipe, self.info.sizes, merged, joined[LATENTS])
+            bounds = list(itertools.accumulate(counts, initial=0))
+            return [{IMAGES: _to_uint8(images[lo:hi])} for lo, hi in itertools.pairwise(bounds)]
+
+    # --- one request ------------------------------------------------------
+
+    def _prepare(
+        self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The request's tensors checked and on the stage's device; StageInputError if not."""
         self._check_params(params)
         expected = self._expected_inputs(params)
         _check_names(inputs, expected)
@@ -148,10 +263,14 @@ class StageModel:
         problem = self.family.check_embeddings(tensors) if self.role == "denoiser" else None
         if problem is not None:
             raise StageInputError(problem)
-        tensors = {
+        return {
             name: t.to(self.device, self.dtype if expected[name].floating else t.dtype)
             for name, t in tensors.items()
         }
+
+    def _compute(
+        self, params: GenerationParams, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         with self._lock, torch.inference_mode():
             if self.role == "encoder":
                 return self.family.encode_inputs(self.pipe, params, self.device, tensors)
@@ -177,11 +296,12 @@ class StageModel:
         return _to_uint8(images)
 
     def _generator(self, params: GenerationParams) -> torch.Generator | list[torch.Generator]:
+        generators = self._generators(params)
+        return generators[0] if len(generators) == 1 else generators
+
+    def _generators(self, params: GenerationParams) -> list[torch.Generator]:
         # One generator per image, so image i is exactly what n=1 with seed + i draws.
-        seeds = params.image_seeds()
-        if len(seeds) == 1:
-            return torch.Generator(self.device).manual_seed(seeds[0])
-        return [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        return [torch.Generator(self.device).manual_seed(s) for s in params.image_seeds()]
 
     # --- validation -------------------------------------------------------
 

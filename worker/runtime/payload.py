@@ -41,6 +41,7 @@ class Payload:
     params: GenerationParams
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     deadline_unix: float = 0.0
+    slo_deadline_unix: float = 0.0  # 0: no SLO
     reply_to: str = ""
     pipeline: str = ""
     model: str = ""
@@ -102,6 +103,7 @@ def header_of(payload: Payload, metas: list[pb.TensorMeta] | None = None) -> pb.
         params=params_to_proto(payload.params),
         tensors=metas,
         deadline_unix=payload.deadline_unix,
+        slo_deadline_unix=payload.slo_deadline_unix,
         reply_to=payload.reply_to,
         error=payload.error,
         error_code=payload.error_code,
@@ -175,6 +177,7 @@ def payload_from(h: pb.WorkHeader, tensors: dict[str, torch.Tensor]) -> Payload:
         params=params_from_proto(h.params),
         tensors=tensors,
         deadline_unix=h.deadline_unix,
+        slo_deadline_unix=h.slo_deadline_unix,
         reply_to=h.reply_to,
         pipeline=h.pipeline,
         model=h.model,

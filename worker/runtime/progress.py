@@ -42,29 +42,38 @@ class ProgressReporter:
         self._clock = clock
         self._cancelled: set[str] = set()
 
-    def bind(self, payload: Payload) -> contextvars.Context:
-        """A context whose report() goes to `payload`'s gateway: run compute in it."""
+    def bind(self, *payloads: Payload) -> contextvars.Context:
+        """A context whose report() goes to each payload's gateway: run compute in
+        it. A batch is cancelled (the call stopped) only when all of it is; the
+        rest of a partly cancelled batch runs on and the runtime drops the others."""
         context = contextvars.copy_context()
-        context.run(SINK.set, self._sink(payload))
+        context.run(SINK.set, self._sink(payloads))
         return context
+
+    def cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
 
     def forget(self, request_id: str) -> None:
         self._cancelled.discard(request_id)
 
-    def _sink(self, payload: Payload) -> Callable[[int, int], bool]:
+    def _sink(self, payloads: tuple[Payload, ...]) -> Callable[[int, int], bool]:
         last = self._clock()
-        rid = payload.request_id
+        rids = [p.request_id for p in payloads]
 
         def sink(step: int, total: int) -> bool:
             nonlocal last
             now = self._clock()
-            if payload.reply_to and now - last >= self._interval:
+            if now - last >= self._interval:
                 last = now
-                report = pb.ProgressReport(
-                    request_id=rid, stage=self._stage, step=step, total=total
-                )
-                asyncio.run_coroutine_threadsafe(self._send(payload.reply_to, report), self._loop)
-            return rid in self._cancelled
+                for payload in payloads:
+                    if payload.reply_to:
+                        report = pb.ProgressReport(
+                            request_id=payload.request_id, stage=self._stage, step=step, total=total
+                        )
+                        asyncio.run_coroutine_threadsafe(
+                            self._send(payload.reply_to, report), self._loop
+                        )
+            return all(rid in self._cancelled for rid in rids)
 
         return sink
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from aiohttp import web
@@ -18,13 +19,18 @@ from aiohttp import web
 from disagfusion.worker.params import GenerationParams, WorkerRole
 from disagfusion.worker.probes import add_probe_routes, start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
-from disagfusion.worker.runtime.sender import HandoffDelay
-from disagfusion.worker.runtime.stage import (
+from disagfusion.worker.runtime.batching import (
+    BatchCompute,
     ComputeFn,
-    RuntimeConfig,
-    StageRuntime,
-    start_grpc_server,
+    Outcome,
+    Request,
+    Tensors,
 )
+from disagfusion.worker.runtime.sender import HandoffDelay
+from disagfusion.worker.runtime.stage import RuntimeConfig, StageRuntime, start_grpc_server
+
+if TYPE_CHECKING:
+    from disagfusion.worker.models.stages import StageModel
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +54,59 @@ class WorkerOptions:
     drain_timeout_s: float = 120.0
     transport: str = "grpc"
     transport_options: dict[str, str] = field(default_factory=dict)
+    max_batch: int | None = None  # None: the model's default
+    batch_wait_s: float = 0.0
+    queue_order: str = "fifo"
 
 
-def make_compute(
-    role: WorkerRole, model: str, device: str, dtype: str | None, family: str = "auto"
-) -> ComputeFn:
-    """Load the stage's model; the last hop also encodes its images as PNG."""
-    from disagfusion.worker.models import images_to_png, load_stage
+class StageCompute:
+    """A loaded stage as the runtime runs it: batched calls, and on the last hop
+    each request's images encoded as PNG (or its video as MP4) after the split."""
 
-    stage = load_stage(role, model, device=device, dtype=dtype, family=family)
-    if role not in ("decoder", "monolithic"):
-        return stage.run
+    def __init__(self, stage: StageModel) -> None:
+        self.stage = stage
+        self._encodes = stage.role in ("decoder", "monolithic")
 
-    def run_and_encode(
-        params: GenerationParams, inputs: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        images = stage.run(params, inputs)["images"]
-        if stage.info.is_video:
+    def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
+        outcomes = self.stage.run_batch(requests)
+        return [
+            out if isinstance(out, Exception) else self._finish(params, out)
+            for (params, _), out in zip(requests, outcomes, strict=True)
+        ]
+
+    def __call__(self, params: GenerationParams, inputs: Tensors) -> Tensors:
+        (out,) = self.run_batch([(params, inputs)])
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def batch_key(self, params: GenerationParams, tensors: Tensors) -> Hashable | None:
+        return self.stage.batch_key(params, tensors)
+
+    def default_max_batch(self) -> int:
+        return self.stage.default_max_batch()
+
+    def _finish(self, params: GenerationParams, out: Tensors) -> Tensors:
+        if not self._encodes:
+            return out
+        from disagfusion.worker.models import images_to_png
+
+        images = out["images"]
+        if self.stage.info.is_video:
             return encode_videos(images, params)
         return {
             f"png.{i}": torch.frombuffer(bytearray(png), dtype=torch.uint8)
             for i, png in enumerate(images_to_png(images))
         }
 
-    return run_and_encode
+
+def make_compute(
+    role: WorkerRole, model: str, device: str, dtype: str | None, family: str = "auto"
+) -> StageCompute:
+    """Load the stage's model; the last hop also encodes its images as PNG."""
+    from disagfusion.worker.models import load_stage
+
+    return StageCompute(load_stage(role, model, device=device, dtype=dtype, family=family))
 
 
 def encode_videos(videos: torch.Tensor, params: GenerationParams) -> dict[str, torch.Tensor]:
@@ -92,7 +127,7 @@ def encode_videos(videos: torch.Tensor, params: GenerationParams) -> dict[str, t
 
 
 async def run_worker(
-    opts: WorkerOptions, compute_factory: Callable[[], ComputeFn] | None = None
+    opts: WorkerOptions, compute_factory: Callable[[], BatchCompute | ComputeFn] | None = None
 ) -> int:
     from disagfusion.worker.models import StageInputError
 
@@ -111,6 +146,9 @@ async def run_worker(
             transport=opts.transport,
             transport_options=opts.transport_options,
             device=opts.device,
+            max_batch=opts.max_batch,
+            batch_wait_s=opts.batch_wait_s,
+            queue_order=opts.queue_order,
         ),
         input_error=StageInputError,
     )

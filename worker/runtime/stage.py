@@ -5,6 +5,13 @@ the gRPC Submit handler receives payloads into the inbox, one compute loop
 runs the model on them, and sender loops hand the outputs downstream. With
 overlap off (`overlap=False`) the worker takes one request at a time and hands
 its output off before it accepts the next: the synchronous baseline.
+
+The inbox is served in the configured order (scheduling/queue_order.py: FIFO,
+or earliest SLO deadline first) and in batches: the head and up to
+max_batch - 1 queued requests with its batch key share one pipeline call
+(waiting up to batch_wait_s for them when asked; by default only what is
+already queued, so batching never adds idle time). Each request keeps its own
+result, error, deadline and custody.
 """
 
 from __future__ import annotations
@@ -18,14 +25,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import grpc
-import torch
 
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
+from disagfusion.scheduling.queue_order import DEFAULT_AGING_S, OrderedQueue
 from disagfusion.worker.metrics import StageMetrics
-from disagfusion.worker.params import GenerationParams, WorkerRole
+from disagfusion.worker.params import WorkerRole
 from disagfusion.worker.progress import RequestCancelled
 from disagfusion.worker.runtime.aio import cancel_all
+from disagfusion.worker.runtime.batching import (
+    BatchCompute,
+    ComputeFn,
+    Outcome,
+    as_batch_compute,
+)
 from disagfusion.worker.runtime.payload import (
     Payload,
     PayloadError,
@@ -60,6 +73,10 @@ class RuntimeConfig:
     transport: str = "grpc"  # sends with it where the receiver accepts it; accepts it and grpc
     transport_options: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"  # where fetched tensors land, when the transport can put them there
+    max_batch: int | None = None  # requests per pipeline call; None: the model's default
+    batch_wait_s: float = 0.0  # how long a batch's head waits for more; 0: only what is queued
+    queue_order: str = "fifo"  # or "edf": earliest SLO deadline first
+    queue_aging_s: float = DEFAULT_AGING_S  # EDF: no request waits longer behind later ones
 
     @property
     def terminal(self) -> bool:
@@ -76,7 +93,7 @@ class _Entry:
     abandoned: bool = False  # its bytes never fully arrived
 
 
-ComputeFn = Callable[[GenerationParams, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+__all__ = ["ComputeFn", "RuntimeConfig", "StageRuntime", "start_grpc_server"]
 
 
 class StageRuntime(pb_grpc.StageServicer):
@@ -89,19 +106,22 @@ class StageRuntime(pb_grpc.StageServicer):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.metrics = StageMetrics(config.role, config.pipeline, config.model)
+        self.metrics = StageMetrics(config.role, config.pipeline, config.model, config.queue_order)
         self.metrics.queue_capacity.set(config.queue_capacity)
         self._input_error = input_error
         self._clock = clock
-        self._compute: ComputeFn | None = None
+        self._compute: BatchCompute | None = None
+        self._max_batch = 1  # set when the model is loaded
+        self._room = config.queue_capacity  # queued payloads before refusing: >= one batch
         self._progress: ProgressReporter | None = None  # made on the loop, at the first request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._entries: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._inbox: asyncio.Queue[_Entry] = asyncio.Queue()
-        self._outbox: asyncio.Queue[tuple[_Entry, Payload]] = asyncio.Queue(
-            maxsize=max(config.outbox_capacity, 1)
-        )
+        self._inbox: OrderedQueue[_Entry] = OrderedQueue(config.queue_order, config.queue_aging_s)
+        self._inbox_changed = asyncio.Event()
+        # Unbounded: a batch's outputs go in at once; compute waits for room after.
+        self._outbox: asyncio.Queue[tuple[_Entry, Payload]] = asyncio.Queue()
+        self._outbox_room = asyncio.Event()
         self._channels = ChannelCache()
         self.transports = Transports.open(config.transport, config.transport_options, config.device)
         self._pool = (
@@ -144,13 +164,29 @@ class StageRuntime(pb_grpc.StageServicer):
         if self._pool is not None:
             self._pool.start()
         self._tasks.append(asyncio.create_task(self._compute_loop()))
-        if self.config.overlap:
-            for _ in range(max(self.config.outbox_capacity, 1)):
-                self._tasks.append(asyncio.create_task(self._send_loop()))
+        self._add_senders(self._outbox_capacity)
 
-    async def load(self, factory: Callable[[], ComputeFn]) -> None:
+    def _add_senders(self, count: int) -> None:
+        if not self.config.overlap:
+            return
+        while sum(1 for t in self._tasks if t.get_name() == "send") < count:
+            self._tasks.append(asyncio.create_task(self._send_loop(), name="send"))
+
+    @property
+    def _outbox_capacity(self) -> int:
+        # A batch's outputs are handed on side by side, not one after another.
+        return max(self.config.outbox_capacity, self._max_batch, 1)
+
+    async def load(self, factory: Callable[[], BatchCompute | ComputeFn]) -> None:
         """Load the model off the event loop, then start accepting work."""
-        self._compute = await asyncio.get_running_loop().run_in_executor(self._executor, factory)
+        loaded = await asyncio.get_running_loop().run_in_executor(self._executor, factory)
+        self._compute = as_batch_compute(loaded)
+        chosen = self.config.max_batch or self._compute.default_max_batch()
+        self._max_batch = max(1, chosen) if self.config.overlap else 1
+        self._room = max(self.config.queue_capacity, self._max_batch)
+        self.metrics.max_batch.set(self._max_batch)
+        self.metrics.queue_capacity.set(self._room)
+        self._add_senders(self._outbox_capacity)
         self.accepting = True
         self.metrics.ready.set(1)
         log.info("%s ready", self.config.role)
@@ -188,8 +224,8 @@ class StageRuntime(pb_grpc.StageServicer):
     def _has_room(self) -> bool:
         if not self.config.overlap:
             return not self._entries
-        held_limit = self.config.queue_capacity + 1 + self.config.outbox_capacity
-        return self._queued() < self.config.queue_capacity and len(self._entries) < held_limit
+        held_limit = self._room + self._max_batch + self._outbox_capacity
+        return self._queued() < self._room and len(self._entries) < held_limit
 
     def _ack(
         self,
@@ -222,7 +258,7 @@ class StageRuntime(pb_grpc.StageServicer):
             draining=self.draining,
             queue_depth=self._queued(),
             in_flight=len(self._entries),
-            queue_capacity=self.config.queue_capacity if self.config.overlap else 1,
+            queue_capacity=self._room if self.config.overlap else 1,
             outbox_depth=self._outbox.qsize(),
             service_time_ewma_s=self._service_ewma,
             completed_total=self._completed,
@@ -297,58 +333,122 @@ class StageRuntime(pb_grpc.StageServicer):
             entry.payload.nbytes, time.perf_counter() - started, backend.name
         )
         entry.received_at = time.perf_counter()
-        self._inbox.put_nowait(entry)
+        self._enqueue(entry)
         yield self._ack(rid, pb.Ack.RECEIVED)
         await asyncio.shield(entry.released)
         yield self._ack(rid, pb.Ack.DONE)
 
     # ---- compute and hand-off -------------------------------------------
 
+    def _enqueue(self, entry: _Entry) -> None:
+        payload = entry.payload
+        assert self._compute is not None
+        try:
+            key = self._compute.batch_key(payload.params, payload.tensors)
+        except Exception:  # an odd request is simply not batched; compute reports it
+            key = None
+        self._inbox.push(
+            entry,
+            arrival=self._clock(),
+            deadline=payload.slo_deadline_unix or None,
+            key=key,
+        )
+        self._inbox_changed.set()
+
+    async def _next_batch(self) -> list[_Entry]:
+        """The head of the inbox and what may share its call."""
+        while not self._inbox:
+            self._inbox_changed.clear()
+            await self._inbox_changed.wait()
+        wait_s = self.config.batch_wait_s
+        if self._max_batch > 1 and wait_s > 0 and len(self._inbox) < self._max_batch:
+            started = time.perf_counter()
+            deadline = started + wait_s
+            while len(self._inbox) < self._max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._inbox_changed.clear()
+                try:
+                    await asyncio.wait_for(self._inbox_changed.wait(), left)
+                except TimeoutError:
+                    break
+            self.metrics.batch_wait.observe(time.perf_counter() - started)
+        return self._inbox.pop_batch(self._max_batch)
+
     async def _compute_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            entry = await self._inbox.get()
-            entry.queued = False
+            batch = await self._next_batch()
+            for entry in batch:
+                entry.queued = False
             self._refresh_gauges()
-            payload = entry.payload
-            if payload.deadline_unix and self._clock() > payload.deadline_unix:
-                await self._fail(entry, 504, f"deadline passed before {self.config.role} started")
-                continue
-            self.metrics.queue_wait.observe(time.perf_counter() - entry.received_at)
-            assert self._compute is not None
-            self.metrics.busy.set(1)
-            t0 = time.perf_counter()
-            if self._progress is None:
-                self._progress = ProgressReporter(self.config.role, self._channels, loop)
-            context = self._progress.bind(payload)
-            try:
-                outputs = await loop.run_in_executor(
-                    self._executor, context.run, self._compute, payload.params, payload.tensors
-                )
-            except RequestCancelled as err:
+            live = []
+            for entry in batch:
+                if entry.payload.deadline_unix and self._clock() > entry.payload.deadline_unix:
+                    await self._fail(
+                        entry, 504, f"deadline passed before {self.config.role} started"
+                    )
+                    continue
+                self.metrics.queue_wait.observe(time.perf_counter() - entry.received_at)
+                live.append(entry)
+            if live:
+                await self._compute_batch(live)
+            while self.config.overlap and self._outbox.qsize() >= self._outbox_capacity:
+                self._outbox_room.clear()
+                await self._outbox_room.wait()
+
+    async def _compute_batch(self, batch: list[_Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._compute is not None
+        if self._progress is None:
+            self._progress = ProgressReporter(self.config.role, self._channels, loop)
+        progress = self._progress
+        payloads = [entry.payload for entry in batch]
+        context = progress.bind(*payloads)
+        requests = [(p.params, p.tensors) for p in payloads]
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.busy.set(1)
+        t0 = time.perf_counter()
+        try:
+            outcomes: list[Outcome] = await loop.run_in_executor(
+                self._executor, context.run, self._compute.run_batch, requests
+            )
+        except Exception as err:  # the call itself broke: every request ends with it
+            outcomes = [err] * len(batch)
+        finally:
+            self.metrics.busy.set(0)
+        elapsed = time.perf_counter() - t0
+        if len(outcomes) != len(batch):
+            outcomes = [RuntimeError("the model answered for the wrong number of requests")] * len(
+                batch
+            )
+        # The call's time is shared by its requests: per-request service time is
+        # what capacity and dispatch are computed from.
+        share = elapsed / len(batch)
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            rid = entry.payload.request_id
+            cancelled = progress.cancelled(rid)
+            progress.forget(rid)
+            if cancelled or isinstance(outcome, RequestCancelled):
                 # Nobody waits for it: no result, no error; custody is released.
-                log.info("%s dropped %s: %s", self.config.role, payload.request_id, err)
+                log.info("%s dropped %s: %s", self.config.role, rid, outcome or "cancelled")
                 self.metrics.fail("cancelled")
                 self._release(entry)
                 continue
-            except self._input_error as err:
-                await self._fail(entry, 400, f"{self.config.role}: {err}")
+            if isinstance(outcome, self._input_error):
+                await self._fail(entry, 400, f"{self.config.role}: {outcome}")
                 continue
-            except Exception as err:
-                log.exception("%s failed on %s", self.config.role, payload.request_id)
-                await self._fail(entry, 500, f"{self.config.role} failed: {err}")
+            if isinstance(outcome, Exception):
+                log.error("%s failed on %s", self.config.role, rid, exc_info=outcome)
+                await self._fail(entry, 500, f"{self.config.role} failed: {outcome}")
                 continue
-            finally:
-                self.metrics.busy.set(0)
-                self._progress.forget(payload.request_id)
-            elapsed = time.perf_counter() - t0
-            self.metrics.service_time.observe(elapsed)
+            self.metrics.service_time.observe(share)
             self._service_ewma = (
-                elapsed if not self._service_ewma else (0.8 * self._service_ewma + 0.2 * elapsed)
+                share if not self._service_ewma else (0.8 * self._service_ewma + 0.2 * share)
             )
-            out = replace(payload, tensors=outputs, source_stage=self.config.role)
+            out = replace(entry.payload, tensors=outcome, source_stage=self.config.role)
             if self.config.overlap:
-                await self._outbox.put((entry, out))
+                self._outbox.put_nowait((entry, out))
                 self._refresh_gauges()
             else:
                 await self._forward(entry, out)
@@ -356,6 +456,7 @@ class StageRuntime(pb_grpc.StageServicer):
     async def _send_loop(self) -> None:
         while True:
             entry, out = await self._outbox.get()
+            self._outbox_room.set()
             self._refresh_gauges()
             await self._forward(entry, out)
 

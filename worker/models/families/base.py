@@ -71,6 +71,10 @@ class Family:
     default_fps: ClassVar[int] = 16
     reference: ClassVar[str] = "refused"  # or "required"
 
+    # Stages whose requests may share one pipeline call (runtime batching): every
+    # input tensor's first dimension is the request's images.
+    batch_roles: ClassVar[frozenset[str]] = frozenset({"encoder", "denoiser", "decoder"})
+
     def bind(self, components: Collection[str]) -> Family:
         """This family for a checkpoint with these components (e.g. with or
         without an image encoder); most families do not depend on them."""
@@ -187,6 +191,21 @@ class Family:
             output_type="latent",
             return_dict=False,
         )[0]
+
+    def batch_key(self, params: GenerationParams) -> tuple[Any, ...]:
+        """What else must be equal for requests to share a denoiser or decoder call."""
+        return ()
+
+    def encode_many(
+        self,
+        pipe: Any,
+        params: list[GenerationParams],
+        device: torch.device,
+        inputs: list[Mapping[str, torch.Tensor]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """The encoder's outputs for several requests (one call where the family
+        can join the prompts; one by one otherwise)."""
+        return [self.encode_inputs(pipe, p, device, t) for p, t in zip(params, inputs, strict=True)]
 
     def guidance_kwargs(self, params: GenerationParams) -> dict[str, Any]:
         """How the request's guidance_scale reaches the pipeline's __call__."""

@@ -85,6 +85,35 @@ class UNetFamily(Family):
         )
         return {name: out[name] for name in self.embedding_names(params)}
 
+    def encode_many(
+        self,
+        pipe: Any,
+        params: list[GenerationParams],
+        device: torch.device,
+        inputs: list[Mapping[str, torch.Tensor]],
+    ) -> list[dict[str, torch.Tensor]]:
+        """One encode_prompt call for several requests: each prompt once per image
+        (what num_images_per_prompt repeats), split back per request."""
+        joined = _joined_prompts(self, params)
+        if joined is None:
+            return super().encode_many(pipe, params, device, inputs)
+        kwargs, negatives = joined
+        out = encode_order(
+            self.encode_returns,
+            pipe.encode_prompt(
+                **kwargs,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=self.uses_cfg(params[0]),
+                negative_prompt=negatives,
+            ),
+        )
+        counts = [p.num_images for p in params]
+        names = self.embedding_names(params[0])
+        parts = {name: out[name].split(counts) for name in names}
+        # Copies: a view would carry the whole batch's storage to the next hop.
+        return [{name: parts[name][i].clone() for name in names} for i in range(len(params))]
+
     def embedding_specs(self, pipe: Any, params: GenerationParams) -> dict[str, TensorSpec]:
         dims = {"prompt_embeds": TensorSpec((params.num_images, None, self.text_width(pipe)))}
         return {n: dims[n.removeprefix("negative_")] for n in self.embedding_names(params)}
@@ -96,6 +125,35 @@ class UNetFamily(Family):
         self, pipe: Any, sizes: SizeRules, params: GenerationParams, latents: torch.Tensor
     ) -> np.ndarray:
         return scaled_decode(pipe, latents)
+
+
+def _joined_prompts(
+    family: UNetFamily, params: list[GenerationParams]
+) -> tuple[dict[str, Any], list[str] | None] | None:
+    """encode_prompt's prompt arguments for several requests as lists, one entry per
+    image; None where one call would not give each request what it gets alone:
+    guidance differs, or some have a negative prompt and others not (no negative
+    prompt is not the same as an empty one: SDXL zeroes those embeddings)."""
+    if len({family.uses_cfg(p) for p in params}) > 1:
+        return None
+    if len({bool(p.negative_prompt) for p in params}) > 1:
+        return None
+    each = [family.encode_kwargs(p) for p in params]
+    kwargs: dict[str, Any] = {}
+    for key in each[0]:
+        values = [e[key] for e in each]
+        if all(v is None for v in values):
+            kwargs[key] = None
+        elif all(isinstance(v, str) for v in values):
+            kwargs[key] = [
+                v for v, p in zip(values, params, strict=True) for _ in range(p.num_images)
+            ]
+        else:
+            return None
+    negatives = None
+    if params[0].negative_prompt and family.uses_cfg(params[0]):
+        negatives = [p.negative_prompt for p in params for _ in range(p.num_images)]
+    return kwargs, negatives
 
 
 # encode_prompt's results for the pooled families (SD3, SDXL); negatives None without CFG.

@@ -34,6 +34,9 @@ class WanI2VFamily(WanFamily):
     reference = "required"
     embeddings: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
     image_encoder: ClassVar[bool] = True
+    # The denoiser takes one reference image per request (not one per output):
+    # its inputs cannot be joined along the images.
+    batch_roles: ClassVar[frozenset[str]] = frozenset({"encoder", "decoder"})
 
     def bind(self, components: Collection[str]) -> Family:
         if ("image_encoder" in components) == self.image_encoder:
