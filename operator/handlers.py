@@ -17,6 +17,10 @@ but kopf puts its own finalizer on every pipeline because of the drift timer
 a pipeline deleted while no operator runs stays Terminating until an operator
 runs again or the `disagfusion.io/operator` finalizer is removed by hand.
 
+Pools: a stage with spec.stages.<stage>.pools has one StatefulSet per pool;
+status.stages.<stage> sums them and status.pools.<stage> lists each. A pool
+that leaves the spec has its StatefulSet deleted: the last status names it.
+
 kopf's own bookkeeping (progress, last-handled configuration) lives in
 annotations prefixed `disagfusion.io/`.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -47,13 +52,23 @@ from disagfusion.operator.render import (
     GROUP,
     PLURAL,
     VERSION,
+    Child,
     Owner,
     gateway_endpoint,
     gateway_name,
+    pool_name,
+    pool_replicas,
     render_all,
-    stage_name,
 )
-from disagfusion.operator.spec import DEFAULT_IMAGE, STAGES, SpecError, parse_spec, spec_warnings
+from disagfusion.operator.spec import (
+    DEFAULT_IMAGE,
+    STAGES,
+    PipelineSpec,
+    PoolSpec,
+    SpecError,
+    parse_spec,
+    spec_warnings,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_TIMER_INTERVAL_S = 30.0
@@ -107,44 +122,34 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
 
     owner = Owner(name=name, namespace=namespace, uid=uid)
     sizes = rendered_sizes(spec, status)
-    changes = {
-        child.kind + "/" + child.name: ctx.kube.apply(child)
-        for child in render_all(owner, spec, sizes)
-    }
+    children = render_all(owner, spec, sizes)
+    changes = {child.kind + "/" + child.name: ctx.kube.apply(child) for child in children}
     written = {k: v for k, v in changes.items() if v != "unchanged"}
     if written:
         log.info(
             "%s/%s: %s", namespace, name, ", ".join(f"{v} {k}" for k, v in sorted(written.items()))
         )
 
-    workloads = [
-        cond.WorkloadState.from_object(
-            stage,
-            ctx.kube.get("apps/v1", "StatefulSet", namespace, stage_name(name, stage)),
-            sizes[stage],
-        )
-        for stage in STAGES
-    ]
-    workloads.append(
-        cond.WorkloadState.from_object(
-            "gateway",
-            ctx.kube.get("apps/v1", "Deployment", namespace, gateway_name(name)),
-            spec.gateway.replicas,
-        )
+    rendered = {c.name for c in children if c.kind == "StatefulSet"}
+    _prune_pools(ctx, status, namespace, uid, rendered)
+    pools = _pool_states(ctx, spec, name, namespace, sizes)
+    gateway = cond.WorkloadState.from_object(
+        "gateway",
+        ctx.kube.get("apps/v1", "Deployment", namespace, gateway_name(name)),
+        spec.gateway.replicas,
     )
-    readiness = cond.evaluate(workloads)
+    readiness = cond.evaluate([p.workload for st in STAGES for p in pools[st]] + [gateway])
     new_status = {
         "observedGeneration": generation,
         "conditions": cond.apply_readiness(old_conditions, readiness, now, generation),
-        "stages": {
-            w.name: {"replicas": w.replicas, "readyReplicas": w.ready, "desiredReplicas": w.desired}
-            for w in workloads
-            if w.name in STAGES
+        "stages": {stage: _stage_status(pools[stage]) for stage in STAGES},
+        "pools": {
+            stage: [_pool_status(spec, stage, state) for state in pools[stage]] for stage in STAGES
         },
         "gateway": {
             "endpoint": gateway_endpoint(owner, spec),
-            "replicas": workloads[-1].replicas,
-            "readyReplicas": workloads[-1].ready,
+            "replicas": gateway.replicas,
+            "readyReplicas": gateway.ready,
         },
     }
     if _changed(status, new_status):
@@ -155,6 +160,72 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
         for warning in spec_warnings(spec):  # valid, but not what a user may assume
             ctx.kube.event(body, "Warning", "SpecWarning", warning)
     return "ok"
+
+
+@dataclass(frozen=True)
+class _PoolState:
+    pool: PoolSpec
+    statefulset: str
+    workload: cond.WorkloadState
+
+
+def _pool_states(
+    ctx: Context, spec: PipelineSpec, name: str, namespace: str, sizes: Mapping[str, int]
+) -> dict[str, list[_PoolState]]:
+    """Per stage, each pool's StatefulSet and observed state; a named pool's workload
+    is called `<stage>/<pool>` in readiness messages."""
+    out: dict[str, list[_PoolState]] = {}
+    for stage in STAGES:
+        st = spec.stages[stage]
+        split = pool_replicas(st, sizes[stage])
+        out[stage] = []
+        for pool in st.effective_pools:
+            sts = pool_name(name, st, pool)
+            obj = ctx.kube.get("apps/v1", "StatefulSet", namespace, sts)
+            label = f"{stage}/{pool.name}" if st.pools else stage
+            state = cond.WorkloadState.from_object(label, obj, split[pool.name])
+            out[stage].append(_PoolState(pool, sts, state))
+    return out
+
+
+def _stage_status(pools: list[_PoolState]) -> dict[str, int]:
+    """A stage's replicas: the sums over its pools."""
+    return {
+        "replicas": sum(p.workload.replicas for p in pools),
+        "readyReplicas": sum(p.workload.ready for p in pools),
+        "desiredReplicas": sum(p.workload.desired for p in pools),
+    }
+
+
+def _pool_status(spec: PipelineSpec, stage: str, state: _PoolState) -> dict[str, Any]:
+    accelerator = state.pool.accelerator or spec.autoscaling.accelerators.get(stage)
+    entry: dict[str, Any] = {"name": state.pool.name}
+    if accelerator:
+        entry["accelerator"] = accelerator
+    return entry | {
+        "statefulSet": state.statefulset,
+        "replicas": state.workload.replicas,
+        "readyReplicas": state.workload.ready,
+        "desiredReplicas": state.workload.desired,
+    }
+
+
+def _prune_pools(
+    ctx: Context, status: Mapping[str, Any], namespace: str, uid: str, rendered: set[str]
+) -> None:
+    """Delete the StatefulSets of pools that left the spec (the last status lists them)."""
+    for entries in (status.get("pools") or {}).values():
+        for entry in entries or []:
+            sts = str((entry or {}).get("statefulSet") or "")
+            if sts and sts not in rendered:
+                gone = Child(
+                    "apps/v1",
+                    "StatefulSet",
+                    sts,
+                    {"metadata": {"name": sts, "namespace": namespace}},
+                )
+                if ctx.kube.delete_owned(gone, uid):
+                    log.info("%s: deleted StatefulSet %s of a removed pool", namespace, sts)
 
 
 def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

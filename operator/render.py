@@ -1,8 +1,10 @@
 """Render a DiffusionPipeline's children (pure): what the operator applies.
 
-Per stage a StatefulSet and a headless Service (stable per-pod DNS
-`<name>-<stage>-<i>.<name>-<stage>.<ns>.svc`), the gateway Deployment and
-Service, and a ConfigMap with the topology the gateway reads. Every child
+Per stage a headless Service and a StatefulSet per pool: the stage's own
+`<name>-<stage>` for a stage without pools, `<name>-<stage>-<pool>` for each
+named pool, all governed by the stage's Service, so every pod has the stable
+DNS name `<statefulset>-<i>.<name>-<stage>.<ns>.svc`. Then the gateway
+Deployment and Service, and a ConfigMap with the topology the gateway reads. Every child
 carries an input-hash annotation so an unchanged child is never rewritten.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disagfusion.operator.spec import STAGES, PipelineSpec, StageSpec
+from disagfusion.operator.spec import STAGES, PipelineSpec, PoolSpec, StageSpec
 
 GROUP = "disagfusion.io"
 VERSION = "v1alpha1"
@@ -36,6 +38,9 @@ RUN_AS_USER = 1000
 # and the SQLite volume's name.
 JOB_STORE_ENV = "DISAGFUSION_JOB_STORE"
 JOB_VOLUME = "jobs"
+# The pod labels of a named pool (the stage's default pool carries neither).
+POOL_LABEL = "disagfusion.io/pool"
+ACCELERATOR_LABEL = "disagfusion.io/accelerator"
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,12 @@ def stage_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}-{stage}"
 
 
+def pool_name(pipeline: str, stage: StageSpec, pool: PoolSpec) -> str:
+    """A pool's StatefulSet: the stage's own name for a stage without pools."""
+    base = stage_name(pipeline, stage.name)
+    return f"{base}-{pool.name}" if stage.pools else base
+
+
 def gateway_name(pipeline: str) -> str:
     return f"{pipeline}-gateway"
 
@@ -83,18 +94,20 @@ def topology_name(pipeline: str) -> str:
     return f"{pipeline}-topology"
 
 
-def pod_addresses(pipeline: str, namespace: str, stage: str, replicas: int) -> list[str]:
-    """The gRPC addresses of a stage's pods (StatefulSet ordinals through the headless Service)."""
-    svc = stage_name(pipeline, stage)
-    return [f"{svc}-{i}.{svc}.{namespace}.svc:{GRPC_PORT}" for i in range(replicas)]
+def stage_addresses(pipeline: str, namespace: str, stage: StageSpec) -> list[str]:
+    """Every pod a stage may run, pool by pool up to each pool's maxReplicas: the
+    stage's Service governs every pool's StatefulSet, so each has a DNS name under it."""
+    svc = stage_name(pipeline, stage.name)
+    return [
+        f"{pool_name(pipeline, stage, pool)}-{i}.{svc}.{namespace}.svc:{GRPC_PORT}"
+        for pool in stage.effective_pools
+        for i in range(pool.max_replicas)
+    ]
 
 
 def topology(pipeline: str, namespace: str, spec: PipelineSpec) -> dict[str, list[str]]:
     """What `disagfusion gateway --topology` reads: every stage's instance addresses."""
-    return {
-        stage: pod_addresses(pipeline, namespace, stage, spec.stages[stage].max_replicas)
-        for stage in STAGES
-    }
+    return {stage: stage_addresses(pipeline, namespace, spec.stages[stage]) for stage in STAGES}
 
 
 def labels(pipeline: str, component: str) -> dict[str, str]:
@@ -125,8 +138,21 @@ def input_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def pool_labels(stage: StageSpec, pool: PoolSpec) -> dict[str, str]:
+    """What tells one pool's pods from another's (none for a stage without pools)."""
+    if not stage.pools:
+        return {}
+    return {POOL_LABEL: pool.name, ACCELERATOR_LABEL: pool.accelerator or ""}
+
+
 def _finish(
-    owner: Owner, component: str, api_version: str, kind: str, name: str, body: dict[str, Any]
+    owner: Owner,
+    component: str,
+    api_version: str,
+    kind: str,
+    name: str,
+    body: dict[str, Any],
+    extra_labels: Mapping[str, str] | None = None,
 ) -> Child:
     body = {
         "apiVersion": api_version,
@@ -134,7 +160,7 @@ def _finish(
         "metadata": {
             "name": name,
             "namespace": owner.namespace,
-            "labels": labels(owner.name, component),
+            "labels": labels(owner.name, component) | dict(extra_labels or {}),
             "ownerReferences": [owner.reference()],
         },
         **body,
@@ -203,7 +229,15 @@ def _model_volumes(spec: PipelineSpec) -> tuple[list[dict[str, Any]], list[dict[
     return volumes, mounts
 
 
-def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageSpec) -> list[str]:
+def worker_args(
+    pipeline: str,
+    namespace: str,
+    spec: PipelineSpec,
+    stage: StageSpec,
+    pool: PoolSpec | None = None,
+) -> list[str]:
+    """A stage worker's args; `pool` (default: the stage's first) decides the device."""
+    pool = pool or stage.effective_pools[0]
     args = [
         "worker",
         "--stage",
@@ -225,10 +259,9 @@ def worker_args(pipeline: str, namespace: str, spec: PipelineSpec, stage: StageS
     ]
     nxt = STAGES.index(stage.name) + 1
     if nxt < len(STAGES):
-        following = spec.stages[STAGES[nxt]]
-        addrs = pod_addresses(pipeline, namespace, following.name, following.max_replicas)
+        addrs = stage_addresses(pipeline, namespace, spec.stages[STAGES[nxt]])
         args += ["--next", ",".join(addrs)]
-    if _gpus(stage.resources):
+    if _gpus(pool.resources):
         args += ["--device", "cuda"]
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
@@ -292,61 +325,36 @@ def _resources(resources: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def pool_replicas(stage: StageSpec, total: int) -> dict[str, int]:
+    """A stage's size split over its pools: each pool's own replicas, the difference
+    to `total` added to the pools in order (up to each maxReplicas) or taken from them
+    in reverse order (down to each minReplicas). `total` equal to the spec's sum gives
+    every pool its own replicas, so a user's per-pool sizes render as written."""
+    pools = stage.effective_pools
+    if not stage.pools:
+        return {pools[0].name: total}
+    sizes = {p.name: p.replicas for p in pools}
+    left = total - sum(sizes.values())
+    for pool in pools if left > 0 else tuple(reversed(pools)):
+        if left > 0:
+            step = min(left, pool.max_replicas - sizes[pool.name])
+        else:
+            step = max(left, pool.min_replicas - sizes[pool.name])
+        sizes[pool.name] += step
+        left -= step
+    return sizes
+
+
 def render_stage(
     owner: Owner, spec: PipelineSpec, stage: StageSpec, replicas: int | None = None
 ) -> list[Child]:
-    """A stage's StatefulSet and headless Service; `replicas` overrides the spec's size."""
+    """A stage's StatefulSets (one per pool) and its one headless Service, which selects
+    every pool's pods; `replicas` overrides the spec's size of the whole stage."""
     name = stage_name(owner.name, stage.name)
-    volumes, mounts = _model_volumes(spec)
-    container: dict[str, Any] = {
-        "name": stage.name,
-        "image": stage.image,
-        "args": worker_args(owner.name, owner.namespace, spec, stage),
-        "ports": [
-            {"name": "grpc", "containerPort": GRPC_PORT},
-            {"name": "http", "containerPort": HTTP_PORT},
-            *_transport_ports(spec),
-        ],
-        "env": _model_env(spec) + stage.env,
-        "resources": _resources(stage.resources),
-        "securityContext": _security_context(),
-        "volumeMounts": mounts,
-        **_probes(HTTP_PORT),
-    }
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
-        "volumes": volumes,
-    }
-    if stage.node_selector:
-        pod_spec["nodeSelector"] = stage.node_selector
-    if stage.tolerations:
-        pod_spec["tolerations"] = stage.tolerations
-    if stage.affinity:
-        pod_spec["affinity"] = stage.affinity
-    sts = _finish(
-        owner,
-        stage.name,
-        "apps/v1",
-        "StatefulSet",
-        name,
-        {
-            "spec": {
-                "serviceName": name,
-                "replicas": stage.replicas if replicas is None else replicas,
-                "podManagementPolicy": "Parallel",
-                "selector": {"matchLabels": selector_labels(owner.name, stage.name)},
-                "template": {
-                    "metadata": {
-                        "labels": labels(owner.name, stage.name),
-                        "annotations": _scrape_annotations(HTTP_PORT),
-                    },
-                    "spec": pod_spec,
-                },
-            },
-        },
-    )
+    sizes = pool_replicas(stage, stage.replicas if replicas is None else replicas)
+    children = [
+        _render_pool(owner, spec, stage, pool, sizes[pool.name]) for pool in stage.effective_pools
+    ]
     svc = _finish(
         owner,
         stage.name,
@@ -365,7 +373,67 @@ def render_stage(
             },
         },
     )
-    return [sts, svc]
+    return [*children, svc]
+
+
+def _render_pool(
+    owner: Owner, spec: PipelineSpec, stage: StageSpec, pool: PoolSpec, replicas: int
+) -> Child:
+    """One pool's StatefulSet, governed by the stage's Service (its pods' DNS domain)."""
+    volumes, mounts = _model_volumes(spec)
+    container: dict[str, Any] = {
+        "name": stage.name,
+        "image": stage.image,
+        "args": worker_args(owner.name, owner.namespace, spec, stage, pool),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT},
+            {"name": "http", "containerPort": HTTP_PORT},
+            *_transport_ports(spec),
+        ],
+        "env": _model_env(spec) + stage.env,
+        "resources": _resources(pool.resources),
+        "securityContext": _security_context(),
+        "volumeMounts": mounts,
+        **_probes(HTTP_PORT),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "fsGroup": RUN_AS_USER},
+        "volumes": volumes,
+    }
+    if pool.node_selector:
+        pod_spec["nodeSelector"] = pool.node_selector
+    if pool.tolerations:
+        pod_spec["tolerations"] = pool.tolerations
+    if pool.affinity:
+        pod_spec["affinity"] = pool.affinity
+    own = pool_labels(stage, pool)
+    return _finish(
+        owner,
+        stage.name,
+        "apps/v1",
+        "StatefulSet",
+        pool_name(owner.name, stage, pool),
+        {
+            "spec": {
+                "serviceName": stage_name(owner.name, stage.name),
+                "replicas": replicas,
+                "podManagementPolicy": "Parallel",
+                # Each pool selects only its own pods: two StatefulSets sharing a
+                # selector would fight over them.
+                "selector": {"matchLabels": selector_labels(owner.name, stage.name) | own},
+                "template": {
+                    "metadata": {
+                        "labels": labels(owner.name, stage.name) | own,
+                        "annotations": _scrape_annotations(HTTP_PORT),
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        },
+        own,
+    )
 
 
 def _job_store(

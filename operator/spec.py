@@ -8,6 +8,7 @@ operator checks every rule itself and reports the problems by field path.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,20 @@ GATEWAY_MOUNTED_PATHS = ("/tmp", "/etc/disagfusion")
 DEFAULT_VIDEO_RETENTION_S = 86400
 MIN_VIDEO_RETENTION_S = 60
 DEFAULT_VIDEO_TIMEOUT_S = 3600
+# spec.stages.<stage>.pools[].name: a DNS label short enough that
+# `<pipeline>-<stage>-<pool>-<ordinal>` stays a valid pod hostname.
+POOL_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+MAX_POOL_NAME = 12
+# spec.stages.<stage>.pools[].accelerator: a label value (pods carry it).
+ACCELERATOR_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+MAX_ACCELERATOR_NAME = 63
+MAX_POOLS = 8
+# The pool a stage without spec.stages.<stage>.pools is: its own fields, rendered as
+# the StatefulSet <pipeline>-<stage> (the name it had before pools existed).
+DEFAULT_POOL = "default"
+# A stage's fields that each pool sets for itself; with pools, the stage must not.
+# (stage replicas is defaulted to 1 by the CRD, so 1 counts as unset.)
+POOL_FIELDS = ("minReplicas", "maxReplicas", "resources", "nodeSelector", "tolerations", "affinity")
 SQLITE_ONE_REPLICA = (
     "a SQLite job store serves one gateway replica; use type: redis for several"
     " (spec.gateway.jobStore.type)"
@@ -103,7 +118,25 @@ class BatchingSpec:
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """One accelerator type serving a stage: its own size bounds and scheduling."""
+
+    name: str
+    accelerator: str | None = None  # None: the default pool (spec.autoscaling.accelerators)
+    replicas: int = 1
+    min_replicas: int = 1
+    max_replicas: int = 1
+    resources: dict[str, Any] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    affinity: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class StageSpec:
+    """A stage. With `pools` (spec.stages.<stage>.pools) the size fields are the pools'
+    sums and the scheduling fields are empty; without, the stage is its one pool."""
+
     name: str
     image: str
     replicas: int = 1
@@ -118,6 +151,25 @@ class StageSpec:
     # What this stage's workers run with: its own settings over the pipeline's.
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     queue_order: str | None = None  # a QUEUE_ORDERS name; None: the worker's default
+    pools: tuple[PoolSpec, ...] = ()  # spec.stages.<stage>.pools; () : the single pool
+
+    @property
+    def effective_pools(self) -> tuple[PoolSpec, ...]:
+        """What the stage renders: its named pools, else its own fields as one pool."""
+        if self.pools:
+            return self.pools
+        return (
+            PoolSpec(
+                name=DEFAULT_POOL,
+                replicas=self.replicas,
+                min_replicas=self.min_replicas,
+                max_replicas=self.max_replicas,
+                resources=self.resources,
+                node_selector=self.node_selector,
+                tolerations=self.tolerations,
+                affinity=self.affinity,
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -362,6 +414,81 @@ def _queue_order(r: _Reader, data: Mapping[str, Any], path: str) -> str | None:
     return r.str_(data, "queueOrder", path, choices=QUEUE_ORDERS)
 
 
+def _bounds(r: _Reader, data: Mapping[str, Any], p: str) -> tuple[int, int, int]:
+    """(replicas, minReplicas, maxReplicas) of a stage or a pool at path `p`."""
+    replicas = r.int_(data, "replicas", f"{p}.replicas", 1, minimum=0)
+    lo = r.int_(data, "minReplicas", f"{p}.minReplicas", min(1, replicas), minimum=0)
+    hi = r.int_(data, "maxReplicas", f"{p}.maxReplicas", max(replicas, lo, 1), minimum=1)
+    if lo > hi:
+        r.problems.append(f"{p}: minReplicas ({lo}) must be <= maxReplicas ({hi})")
+    elif not lo <= replicas <= hi:
+        r.problems.append(f"{p}.replicas: {replicas} must be within [minReplicas, maxReplicas]")
+    return replicas, lo, hi
+
+
+def _pattern(
+    r: _Reader, data: Mapping[str, Any], key: str, path: str, pattern: re.Pattern[str], most: int
+) -> str | None:
+    if data.get(key) is None:
+        r.problems.append(f"{path}: required")
+        return None
+    value = r.str_(data, key, path, max_length=most)
+    if value is not None and not pattern.fullmatch(value):
+        r.problems.append(f"{path}: {value!r} must match {pattern.pattern}")
+        return None
+    return value
+
+
+def _pool(r: _Reader, data: Mapping[str, Any], p: str) -> PoolSpec | None:
+    name = _pattern(r, data, "name", f"{p}.name", POOL_NAME, MAX_POOL_NAME)
+    accelerator = _pattern(
+        r, data, "accelerator", f"{p}.accelerator", ACCELERATOR_NAME, MAX_ACCELERATOR_NAME
+    )
+    replicas, lo, hi = _bounds(r, data, p)
+    if name is None or accelerator is None:
+        return None
+    return PoolSpec(
+        name=name,
+        accelerator=accelerator,
+        replicas=replicas,
+        min_replicas=lo,
+        max_replicas=hi,
+        resources=r.obj(data, "resources", f"{p}.resources"),
+        node_selector=r.str_map(data, "nodeSelector", f"{p}.nodeSelector"),
+        tolerations=r.list_(data, "tolerations", f"{p}.tolerations"),
+        affinity=r.obj(data, "affinity", f"{p}.affinity"),
+    )
+
+
+def _pools(r: _Reader, data: Mapping[str, Any], p: str) -> tuple[PoolSpec, ...]:
+    """spec.stages.<stage>.pools: unique names and accelerators, no stage-level
+    field that a pool sets for itself."""
+    if data.get("pools") is None:
+        return ()
+    raw = data.get("pools")
+    if not isinstance(raw, list) or not raw or len(raw) > MAX_POOLS:
+        r.problems.append(f"{p}.pools: must be a list of 1 to {MAX_POOLS} pools")
+        return ()
+    for key in POOL_FIELDS:
+        if data.get(key) is not None:
+            r.problems.append(f"{p}.{key}: set it per pool when {p}.pools is set")
+    if data.get("replicas") not in (None, 1):
+        r.problems.append(f"{p}.replicas: set it per pool when {p}.pools is set")
+    pools: list[PoolSpec] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            r.problems.append(f"{p}.pools[{i}]: must be an object")
+            continue
+        pool = _pool(r, item, f"{p}.pools[{i}]")
+        if pool is None:
+            continue
+        for key, value in (("name", pool.name), ("accelerator", pool.accelerator)):
+            if any(getattr(q, key) == value for q in pools):
+                r.problems.append(f'{p}.pools[{i}].{key}: "{value}" is used twice')
+        pools.append(pool)
+    return tuple(pools)
+
+
 def _stage(
     r: _Reader,
     name: str,
@@ -373,13 +500,13 @@ def _stage(
     """spec.stages.<name>; `batching` and `queue_order` are the pipeline's, which the
     stage's own settings override field by field."""
     p = f"spec.stages.{name}"
-    replicas = r.int_(data, "replicas", f"{p}.replicas", 1, minimum=0)
-    lo = r.int_(data, "minReplicas", f"{p}.minReplicas", min(1, replicas), minimum=0)
-    hi = r.int_(data, "maxReplicas", f"{p}.maxReplicas", max(replicas, lo, 1), minimum=1)
-    if lo > hi:
-        r.problems.append(f"{p}: minReplicas ({lo}) must be <= maxReplicas ({hi})")
-    elif not lo <= replicas <= hi:
-        r.problems.append(f"{p}.replicas: {replicas} must be within [minReplicas, maxReplicas]")
+    pools = _pools(r, data, p)
+    if pools:
+        replicas = sum(q.replicas for q in pools)
+        lo = sum(q.min_replicas for q in pools)
+        hi = sum(q.max_replicas for q in pools)
+    else:
+        replicas, lo, hi = _bounds(r, data, p)
     return StageSpec(
         name=name,
         image=r.str_(data, "image", f"{p}.image", image) or image,
@@ -389,13 +516,14 @@ def _stage(
         queue_capacity=r.int_(
             data, "queueCapacity", f"{p}.queueCapacity", DEFAULT_QUEUE_CAPACITY, minimum=1
         ),
-        resources=r.obj(data, "resources", f"{p}.resources"),
-        node_selector=r.str_map(data, "nodeSelector", f"{p}.nodeSelector"),
-        tolerations=r.list_(data, "tolerations", f"{p}.tolerations"),
-        affinity=r.obj(data, "affinity", f"{p}.affinity"),
+        resources={} if pools else r.obj(data, "resources", f"{p}.resources"),
+        node_selector={} if pools else r.str_map(data, "nodeSelector", f"{p}.nodeSelector"),
+        tolerations=[] if pools else r.list_(data, "tolerations", f"{p}.tolerations"),
+        affinity={} if pools else r.obj(data, "affinity", f"{p}.affinity"),
         env=r.list_(data, "env", f"{p}.env"),
         batching=_batching(r, data, f"{p}.batching").over(batching),
         queue_order=_queue_order(r, data, f"{p}.queueOrder") or queue_order,
+        pools=pools,
     )
 
 
@@ -577,6 +705,23 @@ def _autoscaling(
                 r.problems.append(
                     f"{p}.accelerators.{stage}: {acc!r} is not in the profile (use {options})"
                 )
+    accelerators = {s: v for s, v in accelerators.items() if s in STAGES}
+    for stage, st in stages.items():
+        if not st.pools:
+            continue
+        if stage in accelerators:
+            r.problems.append(
+                f"{p}.accelerators.{stage}: the stage has pools; each pool names its accelerator"
+            )
+        for i, pool in enumerate(st.pools):
+            if profile is not None and pool.accelerator not in profile.options(stage):
+                options = ", ".join(profile.options(stage))
+                r.problems.append(
+                    f"spec.stages.{stage}.pools[{i}].accelerator: {pool.accelerator!r} is not"
+                    f" in the profile (use {options})"
+                )
+        # The policy sizes a stage on one accelerator: a pooled stage on its first pool's.
+        accelerators[stage] = st.pools[0].accelerator or ""
     d = _KNOB_DEFAULTS
     values: dict[str, Any] = {
         field_: _number(r, a, key, f"{p}.{key}", getattr(d, field_), low, gt)
@@ -619,7 +764,7 @@ def _autoscaling(
         prometheus_url=url,
         profile_name=profile_name,
         profile=profile,
-        accelerators={s: v for s, v in accelerators.items() if s in STAGES},
+        accelerators=accelerators,
         knobs=knobs,
     )
 

@@ -45,6 +45,28 @@ _REL_TIE = 1e-9  # throughputs this close count as equal (then the cheaper plan 
 
 
 @dataclass(frozen=True)
+class PoolPlan:
+    """The instances of one stage on one accelerator type (scheduling/pools.py)."""
+
+    accelerator: str
+    replicas: int
+    gpus_per_instance: int
+    service_time_s: float  # instance-seconds per request on this type, t(B)/B
+    throughput_rps: float  # replicas / service time
+    batch: int = 1
+    max_batch: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accelerator": self.accelerator,
+            "replicas": self.replicas,
+            "gpus_per_instance": self.gpus_per_instance,
+            "throughput_rps": _finite(self.throughput_rps),
+            **({"batch": self.batch, "max_batch": self.max_batch} if self.max_batch > 1 else {}),
+        }
+
+
+@dataclass(frozen=True)
 class StagePlan:
     replicas: int
     accelerator: str
@@ -53,6 +75,10 @@ class StagePlan:
     throughput_rps: float  # replicas / service time (inf for a zero-cost stage)
     batch: int = 1  # requests per call the plan assumes
     max_batch: int = 1  # the most the profile allows (1: no batching)
+    # Set by the pooled planner (scheduling/pools.py) only: the stage's instances per
+    # accelerator type. Then `replicas` is their total, `accelerator`, `gpus_per_instance`
+    # and `batch` are the largest pool's, and `service_time_s` is replicas / throughput.
+    pools: tuple[PoolPlan, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +99,7 @@ class Plan:
                     "service_time_s": round(s.service_time_s, 6),
                     "throughput_rps": _finite(s.throughput_rps),
                     **({"batch": s.batch, "max_batch": s.max_batch} if s.max_batch > 1 else {}),
+                    **({"pools": [p.to_json() for p in s.pools]} if s.pools else {}),
                 }
                 for name, s in self.stages.items()
             },

@@ -274,11 +274,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _make_plan(args: argparse.Namespace, profile: Profile) -> tuple[Plan, str]:
     """The plan the flags ask for and what it was planned for (ValueError: why not)."""
-    from disagfusion.scheduling.planner import plan_for_gpus, plan_for_rate
+    # A stage may run on several accelerator types at once (one type: the planner's plan).
+    from disagfusion.scheduling.pools import plan_pools_for_gpus
+    from disagfusion.scheduling.pools_rate import plan_pools_for_rate
 
     mix = load_mix(args.trace, profile, args.gpus) if args.trace else None
     if args.rate is not None:
-        plan = plan_for_rate(profile, args.rate, mix, args.slo, args.target_utilization)
+        plan = plan_pools_for_rate(profile, args.rate, mix, args.slo, args.target_utilization)
         _check_carries(plan, args.rate, args.target_utilization)
         return plan, f"{args.rate:g} req/s"
     gpus = args.gpus if args.gpus is not None else profile.default_gpus
@@ -289,12 +291,13 @@ def _make_plan(args: argparse.Namespace, profile: Profile) -> tuple[Plan, str]:
             f"--gpus must be at least {len(STAGES)} (one per stage) and at most {MAX_GPUS:,},"
             f" got {gpus}"
         )
-    return plan_for_gpus(profile, gpus, mix), f"{gpus} GPUs"
+    return plan_pools_for_gpus(profile, gpus, mix), f"{gpus} GPUs"
 
 
 def _check_carries(plan: Plan, rate: float, utilization: float) -> None:
     """The planner caps a stage's instances (capacity.servers_for's limit): say so rather
-    than print a plan that does not carry the rate."""
+    than print a plan that does not carry the rate (a stage of several pools: its
+    service_time_s is replicas / throughput, so the check holds for their sum)."""
     for name, s in plan.stages.items():
         # A batching stage runs near busy by design (its headroom is the larger batch).
         busy = utilization if s.batch == 1 else 1.0
@@ -309,17 +312,23 @@ def _print_plan(plan: Plan, heading: str) -> None:
     print(heading)
     batching = any(s.max_batch > 1 for s in plan.stages.values())
     batch_head = f"{'batch':>8}" if batching else ""
+    # The stage total in the replicas column; several pools read "32 H100 + 29 L40S".
+    where = {
+        name: " + ".join(f"{p.replicas} {p.accelerator}" for p in s.pools)
+        if len(s.pools) > 1
+        else s.accelerator
+        for name, s in plan.stages.items()
+    }
+    width = max(14, *(len(w) + 2 for w in where.values()))
     print(
-        f"{'stage':<10}{'replicas':>9}  {'accelerator':<14}{'GPUs/inst':>9}{'req/s':>12}"
+        f"{'stage':<10}{'replicas':>9}  {'accelerator':<{width}}{'GPUs/inst':>9}{'req/s':>12}"
         + batch_head
     )
     for name, s in plan.stages.items():
         rps = plain_number(s.throughput_rps)
         batch = f"{f'{s.batch}/{s.max_batch}':>8}" if batching else ""
-        print(
-            f"{name:<10}{s.replicas:>9}  {s.accelerator:<14}{s.gpus_per_instance:>9}{rps:>12}"
-            + batch
-        )
+        per = "/".join(dict.fromkeys(str(p.gpus_per_instance) for p in (s.pools or (s,))))
+        print(f"{name:<10}{s.replicas:>9}  {where[name]:<{width}}{per:>9}{rps:>12}" + batch)
     print(
         f"throughput {plain_number(plan.throughput_rps)} req/s, {plan.gpus} GPUs, "
         f"cost {money(plan.cost_per_hour)}, bottleneck {plan.bottleneck}"

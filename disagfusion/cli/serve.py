@@ -107,6 +107,15 @@ def register(sub: Any) -> None:
     )
     add_batching_args(s)
     s.add_argument(
+        "--slowdown",
+        action="append",
+        default=[],
+        type=_slowdown,
+        metavar="STAGE:INDEX=FACTOR",
+        help="emulate a slower accelerator for one instance, e.g. denoiser:1=2.7 (repeatable):"
+        " its calls take FACTOR times their compute time",
+    )
+    s.add_argument(
         "--slo",
         default=None,
         help="the gateway stamps each request with the deadline of this SLO ('30s', or '3x'"
@@ -115,6 +124,33 @@ def register(sub: Any) -> None:
     add_handoff_args(s)
     add_transport_args(s)
     s.set_defaults(func=_cmd_serve)
+
+
+def _slowdown(text: str) -> tuple[tuple[str, int], float]:
+    """'denoiser:1=2.7' -> (("denoiser", 1), 2.7)."""
+    from disagfusion.worker.params import STAGES
+
+    where, sep, factor = text.partition("=")
+    stage, colon, index = where.partition(":")
+    try:
+        value, number = float(factor), int(index)
+    except ValueError:
+        value, number = float("nan"), -1
+    if not sep or not colon or stage not in STAGES or number < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected STAGE:INDEX=FACTOR with STAGE one of {', '.join(STAGES)}, got {text!r}"
+        )
+    if not 1 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"the factor must be a number >= 1, got {factor!r}")
+    return (stage, number), value
+
+
+def _slowdown_problem(args: argparse.Namespace) -> str | None:
+    counts = {"encoder": args.encoders, "denoiser": args.denoisers, "decoder": args.decoders}
+    for (stage, index), _ in args.slowdown:
+        if index >= counts[stage]:
+            return f"--slowdown {stage}:{index}: there are {counts[stage]} {stage}(s), from 0"
+    return None
 
 
 def _slo_problem(slo: str | None) -> str | None:
@@ -148,7 +184,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     from disagfusion.worker.models import describe_model
 
-    problem = _autoscale_problem(args) or _slo_problem(args.slo)
+    problem = _autoscale_problem(args) or _slo_problem(args.slo) or _slowdown_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -180,6 +216,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             queue_order=args.queue_order,
             slo=args.slo,
+            slowdown=dict(args.slowdown),
             gateway_args=_job_store_args(args),
         ),
         report=_log_line,

@@ -85,10 +85,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--max-batch",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
         help="most same-shape requests an instance serves in one call, taking the profile's"
-        " batch factor (default: 1, no batching)",
+        " batch factor; the policies plan with the same limit (default: each stage's"
+        " max_batch in the profile, 1 where it has no batch term)",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
@@ -253,8 +254,9 @@ def _dump(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     from disagfusion.scheduling.baselines import POLICY_NAMES, make_policy
-    from disagfusion.scheduling.profile import parse_slo
+    from disagfusion.scheduling.profile import parse_slo, with_max_batch
     from disagfusion.scheduling.sim.simulate import SimConfig, SimulationError, simulate
+    from disagfusion.scheduling.stages import STAGES
 
     if args.plot is not None:
         require_extra("plot")  # before a simulation that may run for minutes
@@ -270,9 +272,12 @@ def _simulate(args: argparse.Namespace) -> int:
         )
     if len(set(orders)) != len(orders):
         raise UsageError(f"--queue-order names an order twice: {args.queue_order}")
-    if args.max_batch < 1:
+    if args.max_batch is not None and args.max_batch < 1:
         raise UsageError(f"--max-batch must be >= 1, got {args.max_batch}")
     profile = _profile(args.profile)
+    if args.max_batch is not None:  # the instances and the policies' model alike
+        profile = with_max_batch(profile, args.max_batch)
+    limits = {s: max(c.max_batch for c in profile.stages[s].values()) for s in STAGES}
     gpus = _budget(args, profile)
     trace_slo = BUILTIN_TRACE_SLOS.get((args.trace or "").removeprefix(BUILTIN_PREFIX))
     builtin = (args.trace or "").startswith(BUILTIN_PREFIX)
@@ -303,7 +308,7 @@ def _simulate(args: argparse.Namespace) -> int:
             noise_sigma=args.noise,
             record=args.plot is not None,
             queue_order=order,
-            max_batch=args.max_batch,
+            max_batch=limits,
         )
         results = by_order[order] = []
         for name in names:
@@ -326,8 +331,8 @@ def _simulate(args: argparse.Namespace) -> int:
         "requests": len(requests),
         "duration_s": round(requests[-1].t, 3) if requests else 0.0,
     }
-    if args.max_batch > 1:
-        out["max_batch"] = args.max_batch
+    if max(limits.values()) > 1:  # the limit given, else the profile's per stage
+        out["max_batch"] = args.max_batch or limits
     rows = {o: {"policies": {r.policy: r.summary() for r in rs}} for o, rs in by_order.items()}
     if len(orders) == 1:
         out.update(rows[orders[0]])

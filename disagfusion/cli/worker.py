@@ -63,9 +63,25 @@ def register(sub: Any) -> None:
         help="seconds a SIGTERMed worker may spend finishing what it holds",
     )
     add_batching_args(w)
+    w.add_argument(
+        "--slowdown",
+        type=_factor,
+        default=1.0,
+        help="emulate a slower accelerator: every call takes this many times its compute time",
+    )
     add_handoff_args(w)
     add_transport_args(w)
     w.set_defaults(func=_cmd_worker)
+
+
+def _factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -94,6 +110,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_wait_s=args.batch_wait_ms / 1e3,
         queue_order=args.queue_order,
+        slowdown=args.slowdown,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
         raise SystemExit(f"error: --next is required for the {opts.role} stage")

@@ -29,7 +29,7 @@ from disagfusion.operator.autoscale.plan import (
 )
 from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusError
 from disagfusion.operator.context import Context
-from disagfusion.operator.render import Owner, render_all, stage_name
+from disagfusion.operator.render import Owner, pool_name, render_all
 from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
 from disagfusion.scheduling.scaling import Decision, Policy
 
@@ -69,16 +69,41 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
         if not round_due(memory.last_round, now, spec.autoscaling.knobs.interval_s):
             return "waiting"
         namespace = str(meta.get("namespace") or "default")
-        statefulsets = {
-            s: ctx.kube.get("apps/v1", "StatefulSet", namespace, stage_name(str(meta["name"]), s))
-            for s in STAGES
-        }
-        if any(obj is None for obj in statefulsets.values()):
+        statefulsets = _stage_workloads(ctx, spec, str(meta["name"]), namespace)
+        if statefulsets is None:
             return "waiting"  # reconcile creates the children first
         memory.last_round = now
         result = _round(ctx, body, uid, spec, policy, memory, now, statefulsets)
     ctx.metrics.scaling.rounds.labels(result=result).inc()
     return result
+
+
+def _stage_workloads(
+    ctx: Context, spec: PipelineSpec, name: str, namespace: str
+) -> dict[str, Mapping[str, Any] | None] | None:
+    """Per stage its StatefulSet, or for a stage with pools one with the pools' summed
+    sizes (the policy sizes a stage as a whole); None while any is missing."""
+    out: dict[str, Mapping[str, Any] | None] = {}
+    for s in STAGES:
+        stage = spec.stages[s]
+        found = [
+            ctx.kube.get("apps/v1", "StatefulSet", namespace, pool_name(name, stage, pool))
+            for pool in stage.effective_pools
+        ]
+        if any(obj is None for obj in found):
+            return None
+        if not stage.pools:
+            out[s] = found[0]
+            continue
+        out[s] = {
+            "spec": {"replicas": sum(int((o or {})["spec"].get("replicas") or 0) for o in found)},
+            "status": {
+                "readyReplicas": sum(
+                    int(((o or {}).get("status") or {}).get("readyReplicas") or 0) for o in found
+                )
+            },
+        }
+    return out
 
 
 def _disable(ctx: Context, body: Mapping[str, Any], uid: str) -> str:
@@ -130,6 +155,8 @@ def _round(
     ctx.write_status(namespace, name, uid, status, plan.status_patch)  # skipped if no change
     if plan.apply is not None:
         # Only the StatefulSets carry sizes; the topology ConfigMap lists maxReplicas.
+        # A pooled stage's size is split over its pools (render.pool_replicas); a pool
+        # whose share did not move renders unchanged and is not written.
         owner = Owner(name=name, namespace=namespace, uid=uid)
         for child in render_all(owner, spec, plan.apply):
             if child.kind == "StatefulSet":

@@ -82,3 +82,29 @@ def test_bad_orders_and_batches_exit_non_zero_by_name(extra: list[str], message:
     assert result.stdout == ""
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_profile_s_batch_limits_apply_unless_max_batch_says_otherwise(tmp_path: Path) -> None:
+    profile = tmp_path / "batching.json"
+    profile.write_text(
+        json.dumps(
+            {
+                "name": "batching",
+                "accelerators": [{"name": "G", "cost_per_hour": 2.0, "memory_gb": 80}],
+                "default_request": {"width": 512, "height": 512, "frames": 1, "steps": 20},
+                "defaults": {"gpus": 8, "slo": "120s"},
+                "stages": {
+                    "encoder": {"G": {"a": 0.05}},
+                    "denoiser": {"G": {"a": 4.0, "batch": {"2": 1.1, "4": 1.5}, "max_batch": 4}},
+                    "decoder": {"G": {"a": 0.05}},
+                },
+            }
+        )
+    )
+    base = ["simulate", "--trace", "builtin:steady", "--profile", str(profile), "--gpus", "8"]
+    base += ["--requests", "400", "--policy", "static-disagg", "--json"]
+    own = as_json(disagfusion(*base))
+    assert own["max_batch"] == {"encoder": 1, "denoiser": 4, "decoder": 1}
+    off = as_json(disagfusion(*base, "--max-batch", "1"))
+    assert "max_batch" not in off
+    assert own["policies"] != off["policies"]  # the instances batched

@@ -257,9 +257,10 @@ def test_cli_plan_human_table_and_rate(capsys: pytest.CaptureFixture[str]) -> No
     assert "cost $" in out and "/h" in out  # in USD, the profiles' currency
     assert [line.split()[:3] for line in out.splitlines()[2:5]] == [
         ["encoder", "1", "L40S"],
-        ["denoiser", "32", "H100"],
-        ["decoder", "1", "L40S"],
+        ["denoiser", "61", "32"],  # 32 H100 + 29 L40S: both pools (issue #15)
+        ["decoder", "2", "L40S"],
     ]
+    assert "61  32 H100 + 29 L40S" in out
     assert main(["plan", "--profile", "builtin:qwen-image-h100", "--rate", "1", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["throughput_rps"] >= 1 / 0.8

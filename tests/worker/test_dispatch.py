@@ -1,4 +1,4 @@
-"""Least-loaded, work-conserving choice of the next instance (pure policy)."""
+"""Speed-aware, work-conserving choice of the next instance (pure policy)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,39 @@ def test_reservations_count_as_load() -> None:
 def test_zero_capacity_still_takes_one_payload() -> None:
     assert choose_instance([inst("a", queue_capacity=0)]) == "a"
     assert choose_instance([inst("a", queue_capacity=0, queue_depth=1)]) is None
+
+
+# --- speed-aware: the expected finish time, (load + 1) x seconds per request ---------
+
+
+def timed(address: str, seconds: float, in_flight: int = 0, capacity: int = 4) -> InstanceLoad:
+    return replace(
+        inst(address, in_flight=in_flight, queue_capacity=capacity), service_time_s=seconds
+    )
+
+
+def test_a_fast_busy_instance_beats_an_idle_slow_one_when_it_finishes_first() -> None:
+    fast, slow = timed("fast", 1.0, in_flight=1), timed("slow", 2.8)
+    assert choose_instance([fast, slow]) == "fast"  # 2 x 1.0 s < 2.8 s
+    busier = timed("fast", 1.0, in_flight=2)
+    assert {choose_instance([busier, slow], turn=t) for t in (0, 1)} == {"fast", "slow"}  # 3 ~ 2.8
+    assert choose_instance([timed("fast", 1.0, in_flight=3), slow]) == "slow"  # 4.0 s > 2.8 s
+
+
+def test_shares_follow_speed_under_load() -> None:
+    """Handing requests one by one to the soonest finisher gives each instance a
+    share in proportion to its speed."""
+    loads = {"fast": timed("fast", 1.0, capacity=100), "slow": timed("slow", 2.7, capacity=100)}
+    for turn in range(370):
+        pick = choose_instance(list(loads.values()), turn=turn)
+        assert pick is not None
+        loads[pick] = replace(loads[pick], in_flight=loads[pick].in_flight + 1)
+    fast, slow = loads["fast"].in_flight, loads["slow"].in_flight
+    assert abs(fast / slow - 2.7) / 2.7 < 0.2, (fast, slow)
+
+
+def test_equal_speeds_are_least_loaded_and_unknown_speeds_count_as_the_mean() -> None:
+    assert choose_instance([timed("a", 1.0, in_flight=1), timed("b", 1.05)]) == "b"
+    unknown = inst("new")  # no EWMA yet: as fast as the others on average
+    assert choose_instance([timed("a", 2.0, in_flight=1), unknown]) == "new"
+    assert choose_instance([timed("a", 2.0), replace(unknown, in_flight=1)]) == "a"

@@ -165,10 +165,10 @@ def test_generate_cli_in_process_baseline(tmp_path: Path) -> None:
     assert decode_mp4(out.read_bytes())[0].shape == (5, 48, 64, 3)
 
 
-def _long_job(c: Any, steps: int = 150) -> str:
+def _long_job(c: Any, steps: int = 150, frames: int = 9, size: str = "64x48") -> str:
     # Long enough to kill the gateway while the denoiser works on it.
-    extra = {"num_frames": "9", "num_inference_steps": str(steps), "seed": "3"}
-    return c.videos.create(prompt=PROMPT, size="64x48", extra_body=extra).id
+    extra = {"num_frames": str(frames), "num_inference_steps": str(steps), "seed": "3"}
+    return c.videos.create(prompt=PROMPT, size=size, extra_body=extra).id
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])
@@ -214,10 +214,11 @@ def test_deleting_a_running_job_frees_the_denoiser(tmp_path: Path) -> None:
     with ServeLocal(tmp_path / "logs", *args) as server:
         server.wait_serving()
         c = client(server)
-        # Far longer than the test: if the cancel did not reach the denoiser,
-        # the quick job would wait behind it (150 steps could end on their own
-        # between the first progress report and the delete on a slow machine).
-        job = _long_job(c, steps=3000)
+        # Far longer than the test (the API's most steps, a larger clip): if the
+        # cancel did not reach the denoiser, the quick job would wait behind it.
+        # (150 small steps could end on their own between the first progress
+        # report and the delete on a slow machine.)
+        job = _long_job(c, steps=200, frames=33, size="128x96")
         wait_until("the job ran", lambda: c.videos.retrieve(job).progress > 0)
         c.videos.delete(job)
         # The next job starts at once: the denoiser dropped the deleted one.

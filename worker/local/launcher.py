@@ -139,6 +139,8 @@ class LocalOptions:
     batch_wait_ms: float = 0.0
     queue_order: str | None = None
     slo: str | None = None  # the gateway stamps SLO deadlines with it (EDF's order)
+    # (role, instance index) -> emulated slowdown of that worker (heterogeneous speeds)
+    slowdown: dict[tuple[str, int], float] = field(default_factory=dict)
     threads: int | None = None  # torch threads per worker; None: share the cores
     max_waiting: int = 32
     request_timeout_s: float = 300.0
@@ -271,6 +273,8 @@ class LocalCluster:
                     argv.append("--no-overlap")
                 if role != "monolithic":
                     argv += self._batching_args()
+                if o.slowdown.get((role, i), 1.0) > 1:
+                    argv += ["--slowdown", str(o.slowdown[(role, i)])]
                 argv += ["--threads", str(self.threads_per_worker())]
                 kids.append(Child(f"{role}-{i}", role, grpc_port, http_port, argv))
             self.workers[role] = kids[: o.counts()[role]]

@@ -85,6 +85,7 @@ class _PeerState:
     queue_depth: int = 0
     queue_capacity: int = 1
     reserved: int = 0
+    service_time_s: float = 0.0  # its service-time EWMA, from Health
     peer: Peer | None = None  # what it accepts, from its last Health reply
 
 
@@ -138,6 +139,7 @@ class PeerPool:
                 queue_depth=p.queue_depth,
                 queue_capacity=p.queue_capacity,
                 reserved=p.reserved,
+                service_time_s=p.service_time_s,
             )
             for p in self._peers.values()
         ]
@@ -199,6 +201,7 @@ class PeerPool:
                 peer.queue_depth = reply.queue_depth
                 peer.in_flight = reply.in_flight
                 peer.queue_capacity = reply.queue_capacity
+                peer.service_time_s = reply.service_time_ewma_s
                 peer.peer = peer_from_health(address, reply)
             self._changed.set()
             await asyncio.sleep(self._poll_interval_s)

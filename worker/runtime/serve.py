@@ -57,6 +57,7 @@ class WorkerOptions:
     max_batch: int | None = None  # None: the model's default
     batch_wait_s: float = 0.0
     queue_order: str = "fifo"
+    slowdown: float = 1.0  # emulated slower accelerator
 
 
 class StageCompute:
@@ -149,6 +150,7 @@ async def run_worker(
             max_batch=opts.max_batch,
             batch_wait_s=opts.batch_wait_s,
             queue_order=opts.queue_order,
+            slowdown=opts.slowdown,
         ),
         input_error=StageInputError,
     )

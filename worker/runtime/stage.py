@@ -77,6 +77,9 @@ class RuntimeConfig:
     batch_wait_s: float = 0.0  # how long a batch's head waits for more; 0: only what is queued
     queue_order: str = "fifo"  # or "edf": earliest SLO deadline first
     queue_aging_s: float = DEFAULT_AGING_S  # EDF: no request waits longer behind later ones
+    # Emulated slower accelerator (tests, local runs): every call takes this many
+    # times its compute time; the stage is held busy meanwhile, as on a slow device.
+    slowdown: float = 1.0
 
     @property
     def terminal(self) -> bool:
@@ -416,6 +419,8 @@ class StageRuntime(pb_grpc.StageServicer):
         except Exception as err:  # the call itself broke: every request ends with it
             outcomes = [err] * len(batch)
         finally:
+            if self.config.slowdown > 1:
+                await asyncio.sleep((time.perf_counter() - t0) * (self.config.slowdown - 1))
             self.metrics.busy.set(0)
         elapsed = time.perf_counter() - t0
         if len(outcomes) != len(batch):
@@ -431,7 +436,8 @@ class StageRuntime(pb_grpc.StageServicer):
             progress.forget(rid)
             if cancelled or isinstance(outcome, RequestCancelled):
                 # Nobody waits for it: no result, no error; custody is released.
-                log.info("%s dropped %s: %s", self.config.role, rid, outcome or "cancelled")
+                why = outcome if isinstance(outcome, Exception) else "cancelled during its batch"
+                log.info("%s dropped %s: %s", self.config.role, rid, why)
                 self.metrics.fail("cancelled")
                 self._release(entry)
                 continue
