@@ -198,3 +198,22 @@ def test_the_encoder_joins_prompts_into_one_call(
     mixed = [requests[0], (replace(requests[1][0], negative_prompt="blurry"), requests[1][1])]
     encoder.run_batch(mixed)
     assert calls == ["a red fox", "a grey cat"]
+
+
+def test_one_request_s_encoding_failure_fails_it_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = stages_of("tiny-unet")
+    requests = requests_for(s["encoder"])
+    embs = one_by_one(s["encoder"], requests)
+    lats = one_by_one(s["denoiser"], [(p, e) for (p, _), e in zip(requests, embs, strict=True)])
+    compute = StageCompute(s["decoder"])
+    real = compute._finish
+
+    def finish(params: GenerationParams, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if params.seed == 2:
+            raise OSError("disk full")
+        return real(params, out)
+
+    monkeypatch.setattr(compute, "_finish", finish)
+    out = compute.run_batch([(p, lat) for (p, _), lat in zip(requests, lats, strict=True)])
+    assert isinstance(out[1], OSError)
+    assert isinstance(out[0], dict) and isinstance(out[2], dict)

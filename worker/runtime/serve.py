@@ -71,9 +71,15 @@ class StageCompute:
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
         outcomes = self.stage.run_batch(requests)
         return [
-            out if isinstance(out, Exception) else self._finish(params, out)
+            out if isinstance(out, Exception) else self._finish_one(params, out)
             for (params, _), out in zip(requests, outcomes, strict=True)
         ]
+
+    def _finish_one(self, params: GenerationParams, out: Tensors) -> Outcome:
+        try:
+            return self._finish(params, out)
+        except Exception as err:  # one request's encoding fails alone
+            return err
 
     def __call__(self, params: GenerationParams, inputs: Tensors) -> Tensors:
         (out,) = self.run_batch([(params, inputs)])
