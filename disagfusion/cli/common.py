@@ -129,8 +129,9 @@ def add_batching_args(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=positive_int,
         default=None,
-        help="requests one pipeline call may take (1: no batching; default: by model,"
-        " 4 for image models and 1 for video denoising and decoding)",
+        help="requests one pipeline call may take (1: no batching; default: by model and"
+        " device, 4 for image models on CPU and 8 on GPUs, 1 for video denoising and"
+        " decoding)",
     )
     p.add_argument(
         "--batch-wait-ms",

@@ -217,3 +217,12 @@ def test_one_request_s_encoding_failure_fails_it_alone(monkeypatch: pytest.Monke
     out = compute.run_batch([(p, lat) for (p, _), lat in zip(requests, lats, strict=True)])
     assert isinstance(out[1], OSError)
     assert isinstance(out[0], dict) and isinstance(out[2], dict)
+
+
+def test_image_models_batch_more_on_accelerators_by_default() -> None:
+    unet = stages_of("tiny-unet")["denoiser"]
+    on_gpu = StageModel("denoiser", unet.info, unet.pipe, torch.device("cuda"), torch.float32)
+    assert (unet.default_max_batch(), on_gpu.default_max_batch()) == (4, 8)
+    wan = stages_of("tiny-wan")["denoiser"]
+    wan_gpu = StageModel("denoiser", wan.info, wan.pipe, torch.device("cuda"), torch.float32)
+    assert (wan.default_max_batch(), wan_gpu.default_max_batch()) == (1, 1)

@@ -153,11 +153,14 @@ class StageModel:
 
     def default_max_batch(self) -> int:
         """Requests one call may take when the worker is not told: images batch
-        (measured 2.1-2.35x at batch 4 for a tiny UNet at 64x64 on CPU; SGLang
-        1.8x at 2 on H200 at 512²), video clips are too large to hold several."""
+        (measured 2.1-2.5x at batch 4 for a tiny UNet at 64x64 on CPU; SGLang 1.8x
+        at 2 and 3.2x at 16 on an H200 at 512², so more on an accelerator), video
+        clips are too large to hold several."""
         if self.role == "monolithic" or self.role not in self.family.batch_roles:
             return 1
-        return 1 if self.info.is_video and self.role != "encoder" else 4
+        if self.info.is_video and self.role != "encoder":
+            return 1
+        return 4 if self.device.type == "cpu" else 8
 
     def batch_key(
         self, params: GenerationParams, inputs: Mapping[str, torch.Tensor]
