@@ -124,7 +124,10 @@ def spec_schema() -> dict[str, Any]:
 
 
 def defaulted(schema: dict[str, Any], obj: Any) -> Any:
-    """`obj` with the schema's defaults filled in at every level, as the API server does."""
+    """`obj` with the schema's defaults filled in at every level, list items too, as the
+    API server does."""
+    if isinstance(obj, list) and "items" in schema:
+        return [defaulted(schema["items"], item) for item in obj]
     if not isinstance(obj, dict) or "properties" not in schema:
         return obj
     out = dict(obj)

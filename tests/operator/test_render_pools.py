@@ -24,7 +24,7 @@ from disagfusion.operator.render import (
     topology,
 )
 from disagfusion.operator.spec import DEFAULT_POOL, SpecError, parse_spec, validate_spec
-from tests.operator.test_crd_rules import cel_program, spec_schema
+from tests.operator.test_crd_rules import cel_program, defaulted, spec_schema
 from tests.operator.test_examples import errors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -269,21 +269,6 @@ def test_a_pooled_stage_is_sized_on_its_first_pools_accelerator() -> None:
 
 def stages_schema() -> dict[str, Any]:
     return dict(spec_schema()["properties"]["stages"])
-
-
-def defaulted(schema: dict[str, Any], obj: Any) -> Any:
-    """`obj` with the schema's defaults at every level, list items too (the API server's)."""
-    if isinstance(obj, list) and "items" in schema:
-        return [defaulted(schema["items"], item) for item in obj]
-    if not isinstance(obj, dict) or "properties" not in schema:
-        return obj
-    out = dict(obj)
-    for key, prop in schema["properties"].items():
-        if key not in out and "default" in prop:
-            out[key] = prop["default"]
-        if key in out:
-            out[key] = defaulted(prop, out[key])
-    return out
 
 
 def broken(schema: dict[str, Any], obj: Any) -> list[str]:
