@@ -44,10 +44,12 @@ from typing import Any
 import kopf
 
 from disagfusion.operator import conditions as cond
-from disagfusion.operator.autoscale.plan import rendered_sizes
+from disagfusion.operator.autoscale.plan import autoscaled_pools, rendered_sizes
 from disagfusion.operator.autoscale.timer import autoscale
+from disagfusion.operator.children import render_all
 from disagfusion.operator.context import Context, utc_now
 from disagfusion.operator.kube import Kube, KubeError
+from disagfusion.operator.netpol import stale_network_policies
 from disagfusion.operator.render import (
     GROUP,
     PLURAL,
@@ -57,8 +59,7 @@ from disagfusion.operator.render import (
     gateway_endpoint,
     gateway_name,
     pool_name,
-    pool_replicas,
-    render_all,
+    stage_pool_sizes,
 )
 from disagfusion.operator.spec import (
     DEFAULT_IMAGE,
@@ -122,7 +123,8 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
 
     owner = Owner(name=name, namespace=namespace, uid=uid)
     sizes = rendered_sizes(spec, status)
-    children = render_all(owner, spec, sizes)
+    pool_sizes = autoscaled_pools(spec, status)
+    children = render_all(owner, spec, sizes, pool_sizes)
     changes = {child.kind + "/" + child.name: ctx.kube.apply(child) for child in children}
     written = {k: v for k, v in changes.items() if v != "unchanged"}
     if written:
@@ -132,7 +134,10 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
 
     rendered = {c.name for c in children if c.kind == "StatefulSet"}
     _prune_pools(ctx, status, namespace, uid, rendered)
-    pools = _pool_states(ctx, spec, name, namespace, sizes)
+    for gone in stale_network_policies(owner, spec):  # spec.networkPolicy switched off
+        if ctx.kube.delete_owned(gone, uid):
+            log.info("%s/%s: deleted NetworkPolicy %s", namespace, name, gone.name)
+    pools = _pool_states(ctx, spec, name, namespace, sizes, pool_sizes)
     gateway = cond.WorkloadState.from_object(
         "gateway",
         ctx.kube.get("apps/v1", "Deployment", namespace, gateway_name(name)),
@@ -170,14 +175,19 @@ class _PoolState:
 
 
 def _pool_states(
-    ctx: Context, spec: PipelineSpec, name: str, namespace: str, sizes: Mapping[str, int]
+    ctx: Context,
+    spec: PipelineSpec,
+    name: str,
+    namespace: str,
+    sizes: Mapping[str, int],
+    pool_sizes: Mapping[str, Mapping[str, int]] | None,
 ) -> dict[str, list[_PoolState]]:
     """Per stage, each pool's StatefulSet and observed state; a named pool's workload
     is called `<stage>/<pool>` in readiness messages."""
     out: dict[str, list[_PoolState]] = {}
     for stage in STAGES:
         st = spec.stages[stage]
-        split = pool_replicas(st, sizes[stage])
+        split = stage_pool_sizes(st, sizes[stage], (pool_sizes or {}).get(stage))
         out[stage] = []
         for pool in st.effective_pools:
             sts = pool_name(name, st, pool)

@@ -27,6 +27,7 @@ PLURALS = {
     "Deployment": "deployments",
     "Service": "services",
     "ConfigMap": "configmaps",
+    "NetworkPolicy": "networkpolicies",
     "Event": "events",
     "DiffusionPipeline": PLURAL,
 }

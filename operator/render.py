@@ -4,7 +4,8 @@ Per stage a headless Service and a StatefulSet per pool: the stage's own
 `<name>-<stage>` for a stage without pools, `<name>-<stage>-<pool>` for each
 named pool, all governed by the stage's Service, so every pod has the stable
 DNS name `<statefulset>-<i>.<name>-<stage>.<ns>.svc`. Then the gateway
-Deployment and Service, and a ConfigMap with the topology the gateway reads. Every child
+Deployment and Service, a ConfigMap with the topology the gateway reads, and
+(spec.networkPolicy.enabled) a NetworkPolicy per component (netpol.py). Every child
 carries an input-hash annotation so an unchanged child is never rewritten.
 """
 
@@ -16,7 +17,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from disagfusion.operator.spec import STAGES, PipelineSpec, PoolSpec, StageSpec
+from disagfusion.operator.spec import (
+    STAGES,
+    TLS_KEYS,
+    TLS_MOUNT,
+    PipelineSpec,
+    PoolSpec,
+    StageSpec,
+)
 
 GROUP = "disagfusion.io"
 VERSION = "v1alpha1"
@@ -24,6 +32,9 @@ KIND = "DiffusionPipeline"
 PLURAL = "diffusionpipelines"
 HASH_ANNOTATION = "disagfusion.io/input-hash"
 GRPC_PORT = 50051
+# The gateway's Stage service, where the stages deliver results (`--result-port`): apart
+# from the clients' GRPC_PORT so a NetworkPolicy can admit only the pipeline's stages.
+RESULT_PORT = 50052
 HTTP_PORT = 8080
 TORCH_STORE_PORT = 29500  # the torch transport's TCPStore, where senders rendezvous
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -38,6 +49,10 @@ RUN_AS_USER = 1000
 # and the SQLite volume's name.
 JOB_STORE_ENV = "DISAGFUSION_JOB_STORE"
 JOB_VOLUME = "jobs"
+# spec.transport.tls: the Secret's volume in every worker and gateway pod (at TLS_MOUNT),
+# readable by the pod's group (fsGroup) only.
+TLS_VOLUME = "tls"
+TLS_FILE_MODE = 0o440
 # The pod labels of a named pool (the stage's default pool carries neither).
 POOL_LABEL = "disagfusion.io/pool"
 ACCELERATOR_LABEL = "disagfusion.io/accelerator"
@@ -265,7 +280,8 @@ def worker_args(
         args += ["--device", "cuda"]
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
-    return args + _batching_args(stage) + _family_args(spec) + _transport_args(spec)
+    args += _batching_args(stage) + _family_args(spec) + _transport_args(spec)
+    return args + _tls_args(spec)
 
 
 def _batching_args(stage: StageSpec) -> list[str]:
@@ -293,6 +309,33 @@ def _transport_args(spec: PipelineSpec) -> list[str]:
     for key, value in sorted(options.items()):
         args += ["--transport-option", f"{key}={value}"]
     return args
+
+
+def _tls_args(spec: PipelineSpec) -> list[str]:
+    """`--tls-cert/--tls-key/--tls-ca` from the mounted Secret; none without spec.transport.tls."""
+    tls = spec.transport.tls
+    if tls is None:
+        return []
+    cert, key, ca = (f"{TLS_MOUNT}/{name}" for name in TLS_KEYS)
+    args = ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]
+    return args + (["--tls-allow-plaintext-data"] if tls.allow_plaintext_data else [])
+
+
+def _tls_volumes(spec: PipelineSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The Secret's volume and mount. `items` names the three keys, so a Secret that
+    lacks one fails the pod's start with an event saying which, not a worker error."""
+    tls = spec.transport.tls
+    if tls is None:
+        return [], []
+    secret = {
+        "secretName": tls.secret_name,
+        "items": [{"key": k, "path": k} for k in TLS_KEYS],
+        "defaultMode": TLS_FILE_MODE,
+    }
+    return (
+        [{"name": TLS_VOLUME, "secret": secret}],
+        [{"name": TLS_VOLUME, "mountPath": TLS_MOUNT, "readOnly": True}],
+    )
 
 
 def _transport_ports(spec: PipelineSpec) -> list[dict[str, Any]]:
@@ -345,13 +388,32 @@ def pool_replicas(stage: StageSpec, total: int) -> dict[str, int]:
     return sizes
 
 
+def stage_pool_sizes(
+    stage: StageSpec, total: int, pools: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Each pool's size: `pools` when it names every pool (each within its own bounds),
+    else `total` split in list order (pool_replicas)."""
+    names = [p.name for p in stage.effective_pools]
+    if stage.pools and pools is not None and set(pools) == set(names):
+        return {
+            p.name: max(p.min_replicas, min(p.max_replicas, int(pools[p.name])))
+            for p in stage.pools
+        }
+    return pool_replicas(stage, total)
+
+
 def render_stage(
-    owner: Owner, spec: PipelineSpec, stage: StageSpec, replicas: int | None = None
+    owner: Owner,
+    spec: PipelineSpec,
+    stage: StageSpec,
+    replicas: int | None = None,
+    pools: Mapping[str, int] | None = None,
 ) -> list[Child]:
     """A stage's StatefulSets (one per pool) and its one headless Service, which selects
-    every pool's pods; `replicas` overrides the spec's size of the whole stage."""
+    every pool's pods; `replicas` overrides the spec's size of the whole stage, `pools`
+    (pool name -> size, the autoscaler's per-pool sizes) that of each pool."""
     name = stage_name(owner.name, stage.name)
-    sizes = pool_replicas(stage, stage.replicas if replicas is None else replicas)
+    sizes = stage_pool_sizes(stage, stage.replicas if replicas is None else replicas, pools)
     children = [
         _render_pool(owner, spec, stage, pool, sizes[pool.name]) for pool in stage.effective_pools
     ]
@@ -381,6 +443,8 @@ def _render_pool(
 ) -> Child:
     """One pool's StatefulSet, governed by the stage's Service (its pods' DNS domain)."""
     volumes, mounts = _model_volumes(spec)
+    tls_volumes, tls_mounts = _tls_volumes(spec)
+    volumes, mounts = volumes + tls_volumes, mounts + tls_mounts
     container: dict[str, Any] = {
         "name": stage.name,
         "image": stage.image,
@@ -502,6 +566,9 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
     env += store_env
     volumes += store_volumes
     mounts += store_mounts
+    tls_volumes, tls_mounts = _tls_volumes(spec)
+    volumes += tls_volumes
+    mounts += tls_mounts
     args = [
         "gateway",
         "--model",
@@ -512,6 +579,9 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         str(gw.port),
         "--grpc-port",
         str(GRPC_PORT),
+        "--result-port",
+        str(RESULT_PORT),
+        # The stages deliver results to <pod IP>:RESULT_PORT, never through the Service.
         "--advertise-host",
         "$(POD_IP)",
         "--topology",
@@ -534,7 +604,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         args += ["--served-model-name", spec.model.served_name]
     if spec.slo is not None:  # the deadline the stages' EDF queue order sorts by
         args += ["--slo", spec.slo]
-    args += _family_args(spec) + _transport_args(spec)
+    args += _family_args(spec) + _transport_args(spec) + _tls_args(spec)
     container: dict[str, Any] = {
         "name": "gateway",
         "image": gw.image,
@@ -542,6 +612,7 @@ def render_gateway(owner: Owner, spec: PipelineSpec) -> list[Child]:
         "ports": [
             {"name": "http", "containerPort": gw.port},
             {"name": "grpc", "containerPort": GRPC_PORT},
+            {"name": "results", "containerPort": RESULT_PORT},
             *_transport_ports(spec),
         ],
         "env": env,
@@ -622,21 +693,6 @@ def effective_replicas(
             st.replicas if wanted is None else max(st.min_replicas, min(st.max_replicas, wanted))
         )
     return out
-
-
-def render_all(
-    owner: Owner, spec: PipelineSpec, replicas: Mapping[str, int] | None = None
-) -> list[Child]:
-    """Every child of a pipeline, in apply order (topology, stages, gateway).
-
-    `replicas` (stage -> size) overrides spec.stages[].replicas: the autoscaler's
-    sizes in Active mode, clamped to each stage's [minReplicas, maxReplicas].
-    """
-    sizes = effective_replicas(spec, replicas)
-    children = [render_topology(owner, spec)]
-    for stage in STAGES:
-        children += render_stage(owner, spec, spec.stages[stage], sizes[stage])
-    return children + render_gateway(owner, spec)
 
 
 def gateway_endpoint(owner: Owner, spec: PipelineSpec) -> str:

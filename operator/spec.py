@@ -7,6 +7,7 @@ operator checks every rule itself and reports the problems by field path.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -43,6 +44,16 @@ TRANSPORT_OPTIONS: dict[str, tuple[str, ...]] = {
     "nixl": ("inline_below", "ucx_tls", "poll_sleep_us", "timeout_s"),
 }
 TRANSPORTS = tuple(TRANSPORT_OPTIONS)
+# spec.transport.tls: the Secret (tls.crt, tls.key, ca.crt) every worker and gateway pod
+# mounts here for mTLS between stages (`--tls-cert/--tls-key/--tls-ca`).
+TLS_MOUNT = "/etc/disagfusion-tls"
+TLS_KEYS = ("tls.crt", "tls.key", "ca.crt")
+# Backends whose tensor bytes bypass the mTLS gRPC stream over the network: refused
+# with TLS unless spec.transport.tls.allowPlaintextData (shm never leaves the host).
+PLAINTEXT_BACKENDS = ("torch", "nixl")
+# A Secret's name: a DNS subdomain.
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_DNS_SUBDOMAIN = 253
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 DEFAULT_QUEUE_CAPACITY = 2
 # spec.queueOrder / spec.stages.<stage>.queueOrder (`--queue-order`): arrival order, or
@@ -56,7 +67,7 @@ DEFAULT_JOB_STORE_MOUNT = "/data"
 DEFAULT_REDIS_URL_KEY = "url"
 # Paths the gateway container already mounts something at (render.py: the writable
 # /tmp and the topology ConfigMap); a job store mounted there would clash.
-GATEWAY_MOUNTED_PATHS = ("/tmp", "/etc/disagfusion")
+GATEWAY_MOUNTED_PATHS = ("/tmp", "/etc/disagfusion", TLS_MOUNT)
 # spec.gateway.videoRetentionSeconds / videoTimeoutSeconds (`--video-retention`,
 # `--video-timeout`): the CRD's defaults and minimums, and the gateway CLI's defaults.
 DEFAULT_VIDEO_RETENTION_S = 86400
@@ -76,6 +87,14 @@ DEFAULT_POOL = "default"
 # A stage's fields that each pool sets for itself; with pools, the stage must not.
 # (stage replicas is defaulted to 1 by the CRD, so 1 counts as unset.)
 POOL_FIELDS = ("minReplicas", "maxReplicas", "resources", "nodeSelector", "tolerations", "affinity")
+# spec.networkPolicy.metricsFrom: NetworkPolicyPeers (label selectors, ipBlocks) checked
+# as the API server would, so a bad one is reported on the pipeline, not as a failed apply.
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_PEERS = 16
+MAX_EXPRESSIONS = 16  # the CRD's maxItems, also of an ipBlock's except
+MAX_VALUES = 64
 SQLITE_ONE_REPLICA = (
     "a SQLite job store serves one gateway replica; use type: redis for several"
     " (spec.gateway.jobStore.type)"
@@ -214,9 +233,30 @@ class GatewaySpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """spec.transport.tls: mTLS between the gateway and the stages, from one Secret
+    (tls.crt, tls.key, ca.crt) mounted in every pod; its certificate must carry the
+    DNS SAN `disagfusion-peer` (what every peer checks, worker/security/tls.py)."""
+
+    secret_name: str
+    allow_plaintext_data: bool = False  # torch/nixl tensor bytes bypass TLS
+
+
+@dataclass(frozen=True)
 class TransportSpec:
     backend: str = "grpc"
     options: dict[str, str] = field(default_factory=dict)
+    tls: TlsSpec | None = None  # None: plaintext gRPC (the default)
+
+
+@dataclass(frozen=True)
+class NetworkPolicySpec:
+    """spec.networkPolicy: the operator renders a NetworkPolicy per component (netpol.py).
+    `metrics_from`: the NetworkPolicyPeers admitted to the stage workers' HTTP port
+    (/metrics, /healthz, /readyz), e.g. Prometheus' namespace; none: nobody."""
+
+    enabled: bool = True
+    metrics_from: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -242,6 +282,7 @@ class PipelineSpec:
     # The pipeline-wide spec.batching and spec.queueOrder (each stage's are in its StageSpec).
     batching: BatchingSpec = field(default_factory=BatchingSpec)
     queue_order: str | None = None
+    network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
 
     @property
     def autoscaling_mode(self) -> str:
@@ -333,7 +374,37 @@ def _transport(r: _Reader, t: Mapping[str, Any]) -> TransportSpec:
         if key in options and not check(options[key]):
             r.problems.append(f"spec.transport.options.{key}: invalid value {options[key]!r}")
             options = {k: v for k, v in options.items() if k != key}
-    return TransportSpec(backend=backend, options=options)
+    return TransportSpec(backend=backend, options=options, tls=_tls(r, t, backend))
+
+
+def _tls(r: _Reader, t: Mapping[str, Any], backend: str) -> TlsSpec | None:
+    p = "spec.transport.tls"
+    if t.get("tls") is None:
+        return None
+    raw = r.obj(t, "tls", p)
+    for extra in sorted(set(raw) - {"secretName", "allowPlaintextData"}):
+        r.problems.append(f"{p}.{extra}: unknown field (tls has secretName, allowPlaintextData)")
+    name = r.str_(raw, "secretName", f"{p}.secretName", max_length=MAX_DNS_SUBDOMAIN)
+    if name is None:
+        if "secretName" not in raw:
+            r.problems.append(
+                f"{p}.secretName: required (a Secret with {', '.join(TLS_KEYS)} in the"
+                " pipeline's namespace)"
+            )
+        return None
+    if not DNS_SUBDOMAIN.fullmatch(name):
+        r.problems.append(f"{p}.secretName: {name!r} is not a valid Secret name (a DNS subdomain)")
+    allow = raw.get("allowPlaintextData", False)
+    if not isinstance(allow, bool):
+        r.problems.append(f"{p}.allowPlaintextData: must be a boolean")
+        allow = False
+    if backend in PLAINTEXT_BACKENDS and not allow:
+        r.problems.append(
+            f"{p}.allowPlaintextData: spec.transport.backend {backend} moves tensor bytes"
+            " outside the mTLS gRPC stream, unencrypted; set allowPlaintextData: true to"
+            " accept that, or use backend grpc or shm"
+        )
+    return TlsSpec(secret_name=name, allow_plaintext_data=allow)
 
 
 def _number_in(low: float, high: float, kind: type = float) -> Callable[[str], bool]:
@@ -577,8 +648,8 @@ def _job_store(
         model_mount.rstrip("/"),
     ):
         r.problems.append(
-            f"{p}.mountPath: {mount} is taken (the gateway mounts /tmp, /etc/disagfusion"
-            " and spec.model.mountPath there)"
+            f"{p}.mountPath: {mount} is taken (the gateway mounts"
+            f" {', '.join(GATEWAY_MOUNTED_PATHS)} and spec.model.mountPath there)"
         )
     # SQLite is one file that two pods must never write at once (not even on a shared
     # volume). Without spec.gateway.jobStore an image pipeline keeps passing: its
@@ -625,6 +696,112 @@ def _gateway(r: _Reader, spec: Mapping[str, Any], image: str, model: ModelSpec) 
             DEFAULT_VIDEO_TIMEOUT_S,
             minimum=1,
         ),
+    )
+
+
+def _label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not LABEL_PREFIX.fullmatch(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(LABEL_VALUE.fullmatch(name))
+
+
+def _label_value(value: str) -> bool:
+    return len(value) <= 63 and bool(LABEL_VALUE.fullmatch(value))
+
+
+def _selector(r: _Reader, data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A LabelSelector ({} selects everything): matchLabels and matchExpressions."""
+    labels = r.str_map(data, "matchLabels", f"{path}.matchLabels")
+    for key, value in labels.items():
+        if not _label_key(key) or not _label_value(value):
+            r.problems.append(f"{path}.matchLabels: {key}={value!r} is not a valid label")
+    out: dict[str, Any] = {"matchLabels": labels} if labels else {}
+    exprs = r.list_(data, "matchExpressions", f"{path}.matchExpressions")
+    if len(exprs) > MAX_EXPRESSIONS:
+        r.problems.append(f"{path}.matchExpressions: at most {MAX_EXPRESSIONS}")
+    clean = []
+    for i, e in enumerate(exprs):
+        p = f"{path}.matchExpressions[{i}]"
+        name = r.str_(e, "key", f"{p}.key")
+        op = r.str_(e, "operator", f"{p}.operator", choices=SELECTOR_OPERATORS)
+        values = e.get("values") or []
+        if name is None or not _label_key(name):
+            r.problems.append(f"{p}.key: must be a label key")
+        if not isinstance(values, list) or not all(
+            isinstance(v, str) and _label_value(v) for v in values
+        ):
+            r.problems.append(f"{p}.values: must be a list of label values")
+            values = []
+        if len(values) > MAX_VALUES:
+            r.problems.append(f"{p}.values: at most {MAX_VALUES}")
+        if op in ("In", "NotIn") and not values:
+            r.problems.append(f"{p}.values: {op} needs at least one value")
+        if op in ("Exists", "DoesNotExist") and values:
+            r.problems.append(f"{p}.values: {op} takes no values")
+        clean.append({"key": name, "operator": op} | ({"values": values} if values else {}))
+    if clean:
+        out["matchExpressions"] = clean
+    return out
+
+
+def _strictly_within(text: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        inner = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    if inner.version != net.version or inner.prefixlen <= net.prefixlen:
+        return False
+    return inner.supernet(new_prefix=net.prefixlen).network_address == net.network_address
+
+
+def _ip_block(r: _Reader, data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    cidr = r.str_(data, "cidr", f"{path}.cidr")
+    try:
+        net = ipaddress.ip_network(cidr or "", strict=False)
+    except ValueError:
+        r.problems.append(f"{path}.cidr: {cidr!r} is not a CIDR such as 10.0.0.0/8")
+        return {}
+    excepts = data.get("except") or []
+    if not isinstance(excepts, list) or not all(isinstance(e, str) for e in excepts):
+        r.problems.append(f"{path}.except: must be a list of CIDRs")
+        excepts = []
+    if len(excepts) > MAX_EXPRESSIONS:
+        r.problems.append(f"{path}.except: at most {MAX_EXPRESSIONS}")
+    for e in excepts:
+        if not _strictly_within(e, net):
+            r.problems.append(f"{path}.except: {e!r} must be a CIDR strictly within {cidr}")
+    return {"cidr": cidr} | ({"except": list(excepts)} if excepts else {})
+
+
+def _peer(r: _Reader, data: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """A NetworkPolicyPeer: an ipBlock, or a namespaceSelector and/or a podSelector."""
+    selectors = [k for k in ("namespaceSelector", "podSelector") if data.get(k) is not None]
+    if (data.get("ipBlock") is not None) == bool(selectors):
+        r.problems.append(
+            f"{path}: set ipBlock, or namespaceSelector and/or podSelector (one kind of peer)"
+        )
+    for key in sorted(set(data) - {"ipBlock", "namespaceSelector", "podSelector"}):
+        r.problems.append(f"{path}.{key}: unknown field (ipBlock, namespaceSelector, podSelector)")
+    if data.get("ipBlock") is not None:
+        block = f"{path}.ipBlock"
+        return {"ipBlock": _ip_block(r, r.obj(data, "ipBlock", block), block)}
+    return {k: _selector(r, r.obj(data, k, f"{path}.{k}"), f"{path}.{k}") for k in selectors}
+
+
+def _network_policy(r: _Reader, spec: Mapping[str, Any]) -> NetworkPolicySpec:
+    p = "spec.networkPolicy"
+    n = r.obj(spec, "networkPolicy", p)
+    enabled = n.get("enabled", True)
+    if not isinstance(enabled, bool):
+        r.problems.append(f"{p}.enabled: must be true or false")
+        enabled = True
+    peers = r.list_(n, "metricsFrom", f"{p}.metricsFrom")
+    if len(peers) > MAX_PEERS:
+        r.problems.append(f"{p}.metricsFrom: at most {MAX_PEERS} peers")
+    return NetworkPolicySpec(
+        enabled=enabled,
+        metrics_from=[_peer(r, peer, f"{p}.metricsFrom[{i}]") for i, peer in enumerate(peers)],
     )
 
 
@@ -793,6 +970,12 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
     transport = _transport(r, r.obj(spec, "transport", "spec.transport"))
     gateway = _gateway(r, spec, image, model)
     autoscaling = _autoscaling(r, r.obj(spec, "autoscaling", "spec.autoscaling"), stages)
+    network_policy = _network_policy(r, spec)
+    if transport.tls is not None and model.mount_path.rstrip("/") == TLS_MOUNT:
+        r.problems.append(
+            f"spec.model.mountPath: {TLS_MOUNT} is taken (spec.transport.tls mounts its"
+            " Secret there)"
+        )
     if r.problems:
         raise SpecError(r.problems)
     return PipelineSpec(
@@ -804,6 +987,7 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
         autoscaling=autoscaling,
         batching=batching,
         queue_order=queue_order,
+        network_policy=network_policy,
     )
 
 

@@ -28,7 +28,7 @@ if _version_not_supported:
 class StageStub:
     """Every stage worker serves this; the gateway serves it too, to receive
     terminal results from the last stage (and progress; workers leave Progress
-    unimplemented).
+    unimplemented, the gateway Cancel).
     """
 
     def __init__(self, channel):
@@ -52,12 +52,17 @@ class StageStub:
                 request_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.SerializeToString,
                 response_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/disagfusion.v1.Stage/Cancel',
+                request_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.CancelRequest.SerializeToString,
+                response_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.CancelReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
     """Every stage worker serves this; the gateway serves it too, to receive
     terminal results from the last stage (and progress; workers leave Progress
-    unimplemented).
+    unimplemented, the gateway Cancel).
     """
 
     def Submit(self, request_iterator, context):
@@ -73,6 +78,12 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Progress(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +107,11 @@ def add_StageServicer_to_server(servicer, server):
                     request_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.FromString,
                     response_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.SerializeToString,
             ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=disagfusion_dot_proto_dot_disagfusion__pb2.CancelRequest.FromString,
+                    response_serializer=disagfusion_dot_proto_dot_disagfusion__pb2.CancelReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'disagfusion.v1.Stage', rpc_method_handlers)
@@ -107,7 +123,7 @@ def add_StageServicer_to_server(servicer, server):
 class Stage:
     """Every stage worker serves this; the gateway serves it too, to receive
     terminal results from the last stage (and progress; workers leave Progress
-    unimplemented).
+    unimplemented, the gateway Cancel).
     """
 
     @staticmethod
@@ -181,6 +197,33 @@ class Stage:
             '/disagfusion.v1.Stage/Progress',
             disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReport.SerializeToString,
             disagfusion_dot_proto_dot_disagfusion__pb2.ProgressReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagfusion.v1.Stage/Cancel',
+            disagfusion_dot_proto_dot_disagfusion__pb2.CancelRequest.SerializeToString,
+            disagfusion_dot_proto_dot_disagfusion__pb2.CancelReply.FromString,
             options,
             channel_credentials,
             insecure,

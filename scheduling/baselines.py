@@ -58,7 +58,15 @@ from disagfusion.scheduling.sim.simulate import Future
 from disagfusion.scheduling.stages import MONOLITHIC, STAGES
 from disagfusion.scheduling.traces import TraceRequest, shape_mix
 
-POLICY_NAMES = ("static-monolithic", "static-disagg", "threshold", "hpa", "hybrid", "oracle")
+POLICY_NAMES = (
+    "static-monolithic",
+    "static-disagg",
+    "threshold",
+    "hpa",
+    "hybrid",
+    "oracle",
+    "hybrid-pools",
+)
 Mix = tuple[tuple[RequestShape, float], ...]
 
 
@@ -367,6 +375,10 @@ def make_policy(
         from disagfusion.scheduling.hybrid import HybridPolicy
 
         return HybridPolicy()
+    if name == "hybrid-pools":
+        from disagfusion.scheduling.hybrid_pools import HybridPoolsPolicy
+
+        return HybridPoolsPolicy()
     if name == "oracle":
         plan = static_disagg(profile, load, gpus, slo)
         return OraclePolicy({s: acc for s, (_, acc) in plan.sizes.items()})

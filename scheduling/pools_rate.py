@@ -66,7 +66,7 @@ def plan_pools_for_rate(
     for chosen in itertools.product(*(_subsets(options[s]) for s in STAGES)):
         sets = dict(zip(STAGES, chosen, strict=True))
         try:
-            waits = _wait_budgets(profile, mix, slo, sets)
+            waits = wait_budgets(profile, mix, slo, sets)
         except ValueError as err:
             reasons.append(str(err))
             continue
@@ -96,7 +96,7 @@ def _subsets(options: Sequence[StageOption]) -> list[tuple[StageOption, ...]]:
     return [c for k in range(1, len(options) + 1) for c in itertools.combinations(options, k)]
 
 
-def _wait_budgets(
+def wait_budgets(
     profile: Profile, mix: Mix, slo: str | None, sets: Mapping[str, Sequence[StageOption]]
 ) -> dict[str, float]:
     """Mean queueing delay each stage may add, from the slack its slowest pools leave."""

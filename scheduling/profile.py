@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -284,6 +284,18 @@ def with_max_batch(profile: Profile, max_batch: int) -> Profile:
         stage: {acc: replace(cost, max_batch=max_batch) for acc, cost in per_acc.items()}
         for stage, per_acc in profile.stages.items()
     }
+    return replace(profile, stages=stages)
+
+
+def with_stage_types(profile: Profile, allowed: Mapping[str, Iterable[str]]) -> Profile:
+    """`profile` with the stages named in `allowed` kept to those accelerator types (a
+    deployment's pools): a policy then only plans pools the cluster declared. A type
+    the stage's costs do not list is ignored; a stage left with none keeps them all."""
+    stages = dict(profile.stages)
+    for stage, names in allowed.items():
+        kept = {a: c for a, c in profile.stages[stage].items() if a in set(names)}
+        if kept:
+            stages[stage] = kept
     return replace(profile, stages=stages)
 
 

@@ -153,17 +153,23 @@ class OrderedQueue(Generic[T]):
             raise IndexError("pop from an empty OrderedQueue")
         return batch[0]
 
+    def head(self) -> T:
+        """The next head without taking it; IndexError when empty."""
+        return self._head_row()[2].item
+
     def head_key(self) -> Hashable:
         """The key of the next head; IndexError when empty."""
+        return self._head_row()[2].key
+
+    def _head_row(self) -> _Row[T]:
         tail, heap = self._sorted, self._heap
         while tail and not tail[0][2].live:
             tail.popleft()
         while heap and not heap[0][2].live:
             heapq.heappop(heap)
         if not tail and not heap:
-            raise IndexError("head_key of an empty OrderedQueue")
-        row = tail[0] if tail and (not heap or tail[0] < heap[0]) else heap[0]
-        return row[2].key
+            raise IndexError("head of an empty OrderedQueue")
+        return tail[0] if tail and (not heap or tail[0] < heap[0]) else heap[0]
 
     def __len__(self) -> int:
         return self._live

@@ -35,6 +35,13 @@ class StageObservation:
     busy: float | None = None  # instances computing right now (mean over the window)
     service_time_s: float | None = None  # observed mean compute seconds per request
     throughput_rps: float | None = None  # completions per second over the window
+    # Heterogeneous pools: replicas asked for per accelerator type (they add up to
+    # `desired`); empty: one pool, all on `accelerator`.
+    pools: Mapping[str, int] = field(default_factory=dict)
+
+    def pool_sizes(self, default_accelerator: str) -> dict[str, int]:
+        """Replicas asked for per accelerator type, one pool when `pools` is empty."""
+        return dict(self.pools) or {self.accelerator or default_accelerator: self.desired}
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class Knobs:
     stale_after_s: float = 120.0  # older metrics hold the current size
     drain_seconds: float = 60.0  # size to clear a backlog within this time
     forecast_seconds: float | None = None  # look-ahead; None: start-up + interval - SLO slack
+    # Heterogeneous pools: the most instances per stage and accelerator (a pool's max).
+    max_pool_replicas: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def min_for(self, stage: str) -> int:
         return self.min_replicas.get(stage, 1)
@@ -82,6 +91,13 @@ class StageDecision:
     predicted: int  # the performance model's balanced size before feedback and limits
     reason: str  # one line a person can read in `kubectl describe`
     limited: str = ""  # "budget", "max" or "" when nothing capped the wish
+    # Heterogeneous pools: (accelerator, replicas) per pool, adding up to `replicas`;
+    # empty: one pool on `accelerator`.
+    pools: tuple[tuple[str, int], ...] = ()
+
+    def pool_sizes(self) -> dict[str, int]:
+        """Replicas per accelerator type (one entry when the stage has one pool)."""
+        return dict(self.pools) if self.pools else {self.accelerator: self.replicas}
 
 
 @dataclass(frozen=True)

@@ -167,11 +167,14 @@ def builtin_trace(
     gpus: int | None = None,
     seed: int = 0,
     requests: int | None = None,
+    load: float = 1.0,
 ) -> list[TraceRequest]:
     """A builtin trace for `profile` and `gpus` (default: the profile's budget).
 
     Deterministic for a seed. `requests` rescales the rate to give about that many
     requests (for speed benchmarks); the shape of the load over time is kept.
+    `load` multiplies the rate (after `requests`): capacities are those of one
+    accelerator type per stage, and a heterogeneous pool may carry more.
     KeyError names the known traces; ValueError when no budget is known.
     """
     if name not in BUILTIN_TRACES:
@@ -245,5 +248,8 @@ def builtin_trace(
     if requests is not None:
         expected = sum(grid_rates) * duration / steps
         scale = requests / expected if expected > 0 else 1.0
+    if not (load > 0 and math.isfinite(load)):
+        raise ValueError(f"load must be a positive number, got {load}")
+    scale *= load
     peak = max(grid_rates) * scale * 1.05  # the grid may miss the exact peak
     return _poisson(rng, duration, lambda t: rate(t) * scale, peak, shape)

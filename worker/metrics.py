@@ -131,7 +131,8 @@ class StageMetrics:
         )
         self.rejected = Counter(
             "disagfusion_stage_requests_rejected_total",
-            "Submissions refused, by reason (busy, draining, invalid).",
+            "Submissions refused, by reason (busy, draining, invalid, sender, transport,"
+            " transfer).",
             [*names, "reason"],
             registry=r,
         )
@@ -250,7 +251,34 @@ class GatewayMetrics:
             ["pipeline", "width", "height", "frames", "steps"],
             registry=r,
         )
+        self.results_refused = Counter(
+            "disagfusion_gateway_results_refused_total",
+            "Results delivered to the result port and ignored, by reason: unknown (no such"
+            " request here), answered (a late or duplicate result) or sender (not the"
+            " stage that may deliver it).",
+            ["pipeline", "reason"],
+            registry=r,
+        )
+        self.cancels = Counter(
+            "disagfusion_gateway_cancels_total",
+            "Requests given up (timeout, client gone, job deleted) and cancelled in the stages.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.cancels_held = Counter(
+            "disagfusion_gateway_cancels_held_total",
+            "Stage instances that held a cancelled request when the cancel arrived.",
+            ["pipeline"],
+            registry=r,
+        )
         self.handoff = HandoffMetrics(r, "gateway", pipeline)
+
+    def cancelled(self, instances_held: int) -> None:
+        self.cancels.labels(pipeline=self.pipeline).inc()
+        self.cancels_held.labels(pipeline=self.pipeline).inc(instances_held)
+
+    def refused_result(self, reason: str) -> None:
+        self.results_refused.labels(pipeline=self.pipeline, reason=reason).inc()
 
     def arrived(self, width: int, height: int, frames: int, steps: int, images: int) -> None:
         self.arrivals.labels(

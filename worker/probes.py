@@ -30,7 +30,9 @@ def add_probe_routes(
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+    # A client that disconnects cancels its handler: the gateway then cancels the
+    # request in the stages instead of computing an answer nobody reads.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

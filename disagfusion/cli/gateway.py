@@ -25,6 +25,8 @@ from disagfusion.cli.common import (
     require_extra,
     transport_settings,
 )
+from disagfusion.cli.worker import add_tls_args, tls_settings
+from disagfusion.worker.gateway.limits import add_limit_arguments, limits_from_args
 from disagfusion.worker.params import STAGES
 
 
@@ -35,7 +37,14 @@ def register(sub: Any) -> None:
     add_served_name(g)
     g.add_argument("--port", type=port, default=8000, help="HTTP port (OpenAI API)")
     g.add_argument(
-        "--grpc-port", type=port, required=True, help="gRPC port (results, Gateway.Generate)"
+        "--grpc-port", type=port, required=True, help="gRPC port of clients (Gateway.Generate)"
+    )
+    g.add_argument(
+        "--result-port",
+        type=port,
+        default=None,
+        help="gRPC port the stages deliver results to (the Stage service, never served on"
+        " --grpc-port); default: --grpc-port + 1",
     )
     g.add_argument(
         "--topology",
@@ -88,6 +97,10 @@ def register(sub: Any) -> None:
     )
     add_handoff_args(g)
     add_transport_args(g)
+    add_tls_args(
+        g, "--result-port and every channel to the stages (the client ports stay plaintext)"
+    )
+    add_limit_arguments(g)
     g.set_defaults(func=_cmd_gateway)
 
 
@@ -110,7 +123,18 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"error: --topology: {err}", file=sys.stderr)
         return 2
+    try:
+        result_port = resolve_result_port(args.grpc_port, args.result_port, args.port)
+    except ValueError as err:
+        print(f"error: --result-port: {err}", file=sys.stderr)
+        return 2
+    try:
+        http_limits = limits_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     transport, transport_options = transport_settings(args)
+    tls = tls_settings(args, transport)
     return asyncio.run(
         run_gateway(
             GatewayOptions(
@@ -118,6 +142,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 family=args.family,
                 port=args.port,
                 grpc_port=args.grpc_port,
+                result_port=result_port,
                 stage_addrs=topology,
                 host=args.host,
                 advertise_host=args.advertise_host,
@@ -137,9 +162,23 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
                 slo=args.slo,
                 transport=transport,
                 transport_options=transport_options,
+                tls=tls,
+                http_limits=http_limits,
             )
         )
     )
+
+
+def resolve_result_port(grpc_port: int, result_port: int | None, http_port: int) -> int:
+    """`--result-port`, by default `--grpc-port` + 1; ValueError when it clashes."""
+    if result_port is None:
+        if grpc_port == 65535:
+            raise ValueError("--grpc-port is 65535, so there is no default: set --result-port")
+        result_port = grpc_port + 1
+    for name, other in (("--grpc-port", grpc_port), ("--port", http_port)):
+        if result_port == other:
+            raise ValueError(f"{result_port} is also {name}; the result port needs its own")
+    return result_port
 
 
 def parse_topology(text: str) -> dict[str, list[str]]:

@@ -123,6 +123,19 @@ def register(sub: Any) -> None:
     )
     add_handoff_args(s)
     add_transport_args(s)
+    s.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS between every process: a throwaway CA and one certificate per process in a"
+        " private temporary directory (needs the cryptography package); the HTTP port stays"
+        " plaintext",
+    )
+    s.add_argument(
+        "--tls-allow-plaintext-data",
+        action="store_true",
+        help="with --tls, still allow --transport torch or nixl, whose tensor bytes bypass gRPC"
+        " and are not encrypted",
+    )
     s.set_defaults(func=_cmd_serve)
 
 
@@ -164,6 +177,24 @@ def _slo_problem(slo: str | None) -> str | None:
     return None
 
 
+def _tls_problem(args: argparse.Namespace, transport: str) -> str | None:
+    """What is wrong with --tls and --tls-allow-plaintext-data, or None."""
+    if not args.tls:
+        if args.tls_allow_plaintext_data:
+            return "--tls-allow-plaintext-data only makes sense with --tls"
+        return None
+    import importlib.util
+
+    from disagfusion.worker.security.tls import TlsConfig, data_plane_problem
+
+    problem = data_plane_problem(transport, TlsConfig(b"", b"", b"", args.tls_allow_plaintext_data))
+    if problem:
+        return problem.replace("--tls-allow-plaintext-data", "--tls --tls-allow-plaintext-data")
+    if importlib.util.find_spec("cryptography") is None:
+        return "--tls makes certificates with the cryptography package: pip install cryptography"
+    return None
+
+
 def _job_store_args(args: argparse.Namespace) -> list[str]:
     out = ["--video-retention", str(args.video_retention)]
     if args.data_dir:
@@ -191,8 +222,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not port_is_free(args.port):
         print(f"error: port {args.port} is in use; pick another with --port", file=sys.stderr)
         return 2
-    info = describe_model(args.model, family=args.family)
     transport, transport_options = transport_settings(args)
+    problem = _tls_problem(args, transport)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    info = describe_model(args.model, family=args.family)
     cluster = LocalCluster(
         LocalOptions(
             model=args.model,
@@ -218,6 +253,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             slo=args.slo,
             slowdown=dict(args.slowdown),
             gateway_args=_job_store_args(args),
+            tls=args.tls,
+            tls_allow_plaintext_data=args.tls_allow_plaintext_data,
         ),
         report=_log_line,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def register(sub: Any) -> None:
         "--policy",
         metavar="P1,P2",
         help="comma-separated policies: static-monolithic, static-disagg, threshold, hpa,"
-        " hybrid, oracle (default: all)",
+        " hybrid, oracle, hybrid-pools (default: all; hybrid-pools only when the profile has"
+        " several accelerator types: on one it is the hybrid)",
     )
     p.add_argument(
         "--queue-order",
@@ -111,6 +113,13 @@ def register(sub: Any) -> None:
         type=int,
         metavar="N",
         help="rescale a builtin trace to about N requests (default: the trace's own size)",
+    )
+    p.add_argument(
+        "--load",
+        type=float,
+        metavar="F",
+        help="multiply a builtin trace's arrival rate by F (default 1: the rates its"
+        " description gives, relative to one accelerator type per stage)",
     )
     p.add_argument("--timing", action="store_true", help="print wall seconds per policy")
     p.add_argument(
@@ -205,17 +214,20 @@ def _trace(
         raise UsageError("--trace is required (a JSONL file or builtin:NAME; see --list)")
     if args.requests is not None and args.requests < 1:
         raise UsageError(f"--requests must be >= 1, got {args.requests}")
+    load = 1.0 if args.load is None else args.load
+    if not (load > 0 and math.isfinite(load)):
+        raise UsageError(f"--load must be a positive number, got {args.load}")
     if spec.startswith(BUILTIN_PREFIX):
         try:
             return builtin_trace(
-                spec.removeprefix(BUILTIN_PREFIX), profile, gpus, args.seed, args.requests
+                spec.removeprefix(BUILTIN_PREFIX), profile, gpus, args.seed, args.requests, load
             )
         except KeyError as err:
             raise UsageError(str(err.args[0])) from None
         except ValueError as err:
             raise UsageError(f"trace {spec}: {err}") from None
-    if args.requests is not None:
-        raise UsageError("--requests rescales builtin traces only")
+    if args.requests is not None or args.load is not None:
+        raise UsageError("--requests and --load rescale builtin traces only")
     try:
         with open(spec) as f:
             return parse_trace_lines(f, profile.default_request)
@@ -286,7 +298,8 @@ def _simulate(args: argparse.Namespace) -> int:
         parse_slo(slo)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    names = [n.strip() for n in (args.policy or ",".join(POLICY_NAMES)).split(",") if n.strip()]
+    default = [n for n in POLICY_NAMES if n != "hybrid-pools" or len(profile.accelerators) > 1]
+    names = [n.strip() for n in (args.policy or ",".join(default)).split(",") if n.strip()]
     unknown = [n for n in names if n not in POLICY_NAMES]
     if unknown or not names:
         raise UsageError(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from disagfusion.cli.common import (
     HELP,
@@ -20,6 +21,9 @@ from disagfusion.cli.common import (
     transport_settings,
 )
 from disagfusion.worker.params import ROLES
+
+if TYPE_CHECKING:
+    from disagfusion.worker.security.tls import TlsConfig
 
 
 def register(sub: Any) -> None:
@@ -71,7 +75,42 @@ def register(sub: Any) -> None:
     )
     add_handoff_args(w)
     add_transport_args(w)
+    add_tls_args(w, "the Stage port and every channel to the next stage and the gateway")
     w.set_defaults(func=_cmd_worker)
+
+
+def add_tls_args(p: argparse.ArgumentParser, where: str) -> None:
+    """--tls-cert/--tls-key/--tls-ca (all three or none) and --tls-allow-plaintext-data."""
+    g = p.add_argument_group(
+        "mTLS between stages", f"all three files, or none (plaintext); with them: mTLS on {where}"
+    )
+    g.add_argument("--tls-cert", metavar="PEM", help="this process's certificate (chain)")
+    g.add_argument("--tls-key", metavar="PEM", help="its private key, unencrypted")
+    g.add_argument(
+        "--tls-ca", metavar="PEM", help="the pipeline's CA: the only issuer peers are trusted by"
+    )
+    g.add_argument(
+        "--tls-allow-plaintext-data",
+        action="store_true",
+        help="with mTLS, still allow --transport torch or nixl, whose tensor bytes bypass gRPC"
+        " and are not encrypted (shm is allowed anyway: it never leaves the host)",
+    )
+
+
+def tls_settings(args: argparse.Namespace, transport: str) -> TlsConfig | None:
+    """The TLS flags, loaded and checked against --transport; a bad combination or an
+    unusable file prints one line and exits 2."""
+    from disagfusion.worker.security.tls import TlsError, data_plane_problem, load_tls
+
+    try:
+        tls = load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_allow_plaintext_data)
+        problem = data_plane_problem(transport, tls)
+    except TlsError as err:
+        problem = str(err)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    return tls
 
 
 def _factor(text: str) -> float:
@@ -89,6 +128,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from disagfusion.worker.runtime.serve import WorkerOptions, run_worker
 
     transport, transport_options = transport_settings(args)
+    tls = tls_settings(args, transport)
     opts = WorkerOptions(
         role=args.role,
         model=args.model,
@@ -111,6 +151,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         batch_wait_s=args.batch_wait_ms / 1e3,
         queue_order=args.queue_order,
         slowdown=args.slowdown,
+        tls=tls,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:
         raise SystemExit(f"error: --next is required for the {opts.role} stage")

@@ -134,10 +134,12 @@ def build_snapshot(
     now: float,
     accelerators: Mapping[str, str] | None = None,
     fallback_replicas: Mapping[str, int] | None = None,
+    pools: Mapping[str, Mapping[str, int]] | None = None,
 ) -> Snapshot:
     """A Snapshot from the answers to `queries()` and the stages' StatefulSets.
 
     `results` None means Prometheus could not be asked: sizes only, metrics_age_s None.
+    `pools`: a pooled stage's replicas per accelerator (its StatefulSets' sizes).
     """
     accelerators = accelerators or {}
     fallback_replicas = fallback_replicas or {}
@@ -159,6 +161,7 @@ def build_snapshot(
             service_time_s=service.get(stage),
             # A counter that exists and did not move is a real zero.
             throughput_rps=(per["throughput"].get(stage) or 0.0) if seen else None,
+            pools=dict((pools or {}).get(stage) or {}),
         )
     gateway_up = bool(scalar(res.get("gateway")))
     arrivals = scalar(res.get("arrivals"))

@@ -62,6 +62,9 @@ class StageGauges:
 class RoundPlan:
     status_patch: dict[str, Any]  # a merge patch of the pipeline's status
     apply: dict[str, int] | None  # Active and a size moved: every stage's size to apply
+    # With `apply`: the pooled stages' sizes per pool (pool name -> replicas) when the
+    # policy sized their pools; a stage missing here is split in pool order.
+    apply_pools: dict[str, dict[str, int]] | None
     changed: dict[str, tuple[int, int]]  # stage -> (live size, target)
     history: list[dict[str, Any]]  # the entries this round adds to status history
     events: list[Event]
@@ -82,6 +85,44 @@ def autoscaled_replicas(spec: PipelineSpec, status: Mapping[str, Any]) -> dict[s
         return None
     saved = (status.get("autoscaling") or {}).get("replicas") or {}
     return {s: int(v) for s, v in saved.items() if s in STAGES and isinstance(v, int)} or None
+
+
+def autoscaled_pools(
+    spec: PipelineSpec, status: Mapping[str, Any]
+) -> dict[str, dict[str, int]] | None:
+    """The per-pool sizes the autoscaler set for pooled stages, when it is Active."""
+    if spec.autoscaling.mode != "Active":
+        return None
+    saved = (status.get("autoscaling") or {}).get("pools") or {}
+    out = {}
+    for stage, sizes in saved.items():
+        if stage not in STAGES or not isinstance(sizes, Mapping):
+            continue
+        names = {p.name for p in spec.stages[stage].pools}
+        kept = {p: int(n) for p, n in sizes.items() if p in names and isinstance(n, int)}
+        if kept and set(kept) == names:  # a pool added or renamed since: split afresh
+            out[stage] = kept
+    return out or None
+
+
+def pool_targets(spec: PipelineSpec, decision: Decision | None) -> dict[str, dict[str, int]]:
+    """Per pooled stage the decision's sizes by pool name (its pools name accelerators,
+    one pool per accelerator), each within the pool's min and max; {} for stages the
+    decision sized as a whole."""
+    out: dict[str, dict[str, int]] = {}
+    if decision is None:
+        return out
+    for stage in STAGES:
+        pools = spec.stages[stage].pools
+        d = decision.stages.get(stage)
+        if not pools or d is None or not d.pools:
+            continue
+        wanted = d.pool_sizes()
+        out[stage] = {
+            p.name: max(p.min_replicas, min(p.max_replicas, wanted.get(p.accelerator or "", 0)))
+            for p in pools
+        }
+    return out
 
 
 def rendered_sizes(spec: PipelineSpec, status: Mapping[str, Any]) -> dict[str, int]:
@@ -142,13 +183,17 @@ def plan_round(
     if not problem and not metrics_ok:
         problem = "the policy found the metrics incomplete"
     live = {s: snapshot.stages[s].desired for s in STAGES}
+    pools: dict[str, dict[str, int]] = {}
     if decision is not None and metrics_ok:
         targets = effective_replicas(spec, decision.replicas())
+        pools = pool_targets(spec, decision)
+        targets |= {s: sum(sizes.values()) for s, sizes in pools.items()}
     else:
         # Stale or missing metrics: hold, never scale on a guess. Active holds its own
         # last sizes (an edited StatefulSet is put back), Advisory has no sizes of its own.
         targets = rendered_sizes(spec, status) if active else live
     changed = {s: (live[s], targets[s]) for s in STAGES if targets[s] != live[s]}
+    moved_pools = {s for s, sizes in pools.items() if _live_pools(spec, snapshot, s) != sizes}
 
     when = stamp(now)
     old_auto = status.get("autoscaling") or {}
@@ -160,18 +205,20 @@ def plan_round(
         "mode": auto.mode,
         "policy": policy_name,
         "profile": auto.profile_name or "",
-        "stages": _stages_status(snapshot, decision, targets),
+        "stages": _stages_status(snapshot, decision, targets, pools),
         "history": (list(old_auto.get("history") or []) + fresh)[-HISTORY_KEPT:],
         # Only Active owns the sizes; a None deletes them so reconcile uses the spec's.
         "replicas": targets if active else None,
+        "pools": (pools or None) if active else None,
     }
-    if active and changed:
+    if active and (changed or moved_pools):
         new_auto["lastScaleTime"] = when
     conditions = cond.apply_scaling(status.get("conditions") or [], checks, when, generation)
     result = "no_profile" if auto.profile is None else ("ok" if metrics_ok else "no_metrics")
     return RoundPlan(
         status_patch={"autoscaling": new_auto, "conditions": conditions},
-        apply=targets if active and changed else None,
+        apply=targets if active and (changed or moved_pools) else None,
+        apply_pools=(pools or None) if active and (changed or moved_pools) else None,
         changed=changed,
         history=fresh,
         events=[_event(entry) for entry in fresh],
@@ -183,13 +230,24 @@ def plan_round(
     )
 
 
+def _live_pools(spec: PipelineSpec, snapshot: Snapshot, stage: str) -> dict[str, int]:
+    """A pooled stage's sizes now by pool name (the snapshot has them by accelerator)."""
+    by_acc = snapshot.stages[stage].pools
+    return {p.name: by_acc.get(p.accelerator or "", 0) for p in spec.stages[stage].pools}
+
+
 def _stages_status(
-    snapshot: Snapshot, decision: Decision | None, targets: Mapping[str, int]
+    snapshot: Snapshot,
+    decision: Decision | None,
+    targets: Mapping[str, int],
+    pools: Mapping[str, Mapping[str, int]],
 ) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for s in STAGES:
         obs = snapshot.stages[s]
         entry: dict[str, Any] = {"currentReplicas": obs.desired, "desiredReplicas": targets[s]}
+        if s in pools:
+            entry["desiredPools"] = dict(pools[s])
         if decision is not None:
             d = decision.stages[s]
             entry |= {

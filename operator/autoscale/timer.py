@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from disagfusion.operator.autoscale.observe import build_snapshot, queries
@@ -28,9 +28,11 @@ from disagfusion.operator.autoscale.plan import (
     round_due,
 )
 from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusError
+from disagfusion.operator.children import render_all
 from disagfusion.operator.context import Context
-from disagfusion.operator.render import Owner, pool_name, render_all
+from disagfusion.operator.render import Owner, pool_name
 from disagfusion.operator.spec import STAGES, PipelineSpec, SpecError, parse_spec
+from disagfusion.scheduling.profile import with_stage_types
 from disagfusion.scheduling.scaling import Decision, Policy
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,37 @@ class Memory:
     last_round: float | None = None
 
 
-def default_policy() -> Policy:
+def default_policy(spec: PipelineSpec | None = None) -> Policy:
+    """The hybrid policy; over heterogeneous pools (a stage with several) its pools
+    variant, which sizes each pool (on one pool per stage the two are the same)."""
+    if spec is not None and any(len(spec.stages[s].pools) > 1 for s in STAGES):
+        from disagfusion.scheduling.hybrid_pools import HybridPoolsPolicy
+
+        return HybridPoolsPolicy()
     from disagfusion.scheduling.hybrid import HybridPolicy
 
     return HybridPolicy()
+
+
+def declared_types(spec: PipelineSpec) -> dict[str, list[str]]:
+    """Per stage the accelerator types its pods can be on: a pooled stage's pools'
+    (a policy must not plan a pool the cluster has no StatefulSet for), else its one."""
+    auto = spec.autoscaling
+    out = {}
+    for s in STAGES:
+        named = [p.accelerator for p in spec.stages[s].pools if p.accelerator]
+        one = auto.accelerators.get(s) or ""
+        out[s] = named or ([one] if one else [])
+    return {s: names for s, names in out.items() if names}
+
+
+def pool_maxima(spec: PipelineSpec) -> dict[str, dict[str, int]]:
+    """Per pooled stage each pool's maxReplicas by accelerator, for the policy."""
+    return {
+        s: {p.accelerator: p.max_replicas for p in spec.stages[s].pools if p.accelerator}
+        for s in STAGES
+        if spec.stages[s].pools
+    }
 
 
 def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
@@ -61,7 +90,7 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
     with ctx.lock(uid):
         if spec.autoscaling.mode == "Disabled":
             return _disable(ctx, body, uid)
-        policy = ctx.policy or default_policy()
+        policy = ctx.policy or default_policy(spec)
         memory = ctx.scalers.get(uid)
         if memory is None:
             memory = ctx.scalers[uid] = Memory(policy.initial_state())
@@ -69,21 +98,22 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
         if not round_due(memory.last_round, now, spec.autoscaling.knobs.interval_s):
             return "waiting"
         namespace = str(meta.get("namespace") or "default")
-        statefulsets = _stage_workloads(ctx, spec, str(meta["name"]), namespace)
-        if statefulsets is None:
+        found = _stage_workloads(ctx, spec, str(meta["name"]), namespace)
+        if found is None:
             return "waiting"  # reconcile creates the children first
         memory.last_round = now
-        result = _round(ctx, body, uid, spec, policy, memory, now, statefulsets)
+        result = _round(ctx, body, uid, spec, policy, memory, now, *found)
     ctx.metrics.scaling.rounds.labels(result=result).inc()
     return result
 
 
 def _stage_workloads(
     ctx: Context, spec: PipelineSpec, name: str, namespace: str
-) -> dict[str, Mapping[str, Any] | None] | None:
-    """Per stage its StatefulSet, or for a stage with pools one with the pools' summed
-    sizes (the policy sizes a stage as a whole); None while any is missing."""
+) -> tuple[dict[str, Mapping[str, Any] | None], dict[str, dict[str, int]]] | None:
+    """(per stage its StatefulSet, or for a stage with pools one with the pools' summed
+    sizes; per pooled stage the replicas per accelerator), None while any is missing."""
     out: dict[str, Mapping[str, Any] | None] = {}
+    pools: dict[str, dict[str, int]] = {}
     for s in STAGES:
         stage = spec.stages[s]
         found = [
@@ -95,6 +125,10 @@ def _stage_workloads(
         if not stage.pools:
             out[s] = found[0]
             continue
+        pools[s] = {}
+        for pool, obj in zip(stage.pools, found, strict=True):
+            n = int((obj or {})["spec"].get("replicas") or 0)
+            pools[s][pool.accelerator or ""] = n
         out[s] = {
             "spec": {"replicas": sum(int((o or {})["spec"].get("replicas") or 0) for o in found)},
             "status": {
@@ -103,7 +137,7 @@ def _stage_workloads(
                 )
             },
         }
-    return out
+    return out, pools
 
 
 def _disable(ctx: Context, body: Mapping[str, Any], uid: str) -> str:
@@ -127,6 +161,7 @@ def _round(
     memory: Memory,
     now: float,
     statefulsets: Mapping[str, Mapping[str, Any] | None],
+    pools: Mapping[str, Mapping[str, int]],
 ) -> str:
     meta = body.get("metadata") or {}
     name, namespace = str(meta["name"]), str(meta.get("namespace") or "default")
@@ -134,11 +169,13 @@ def _round(
     status = ctx.known_status(uid, body)
     results, asked_problem = _ask_prometheus(ctx, name, namespace, auto.prometheus_url)
     snapshot = build_snapshot(
-        results, statefulsets, now, auto.accelerators, rendered_sizes(spec, status)
+        results, statefulsets, now, auto.accelerators, rendered_sizes(spec, status), pools
     )
     decision: Decision | None = None
     if auto.profile is not None:
-        decision = policy.decide(snapshot, memory.policy_state, auto.profile, auto.knobs)
+        profile = with_stage_types(auto.profile, declared_types(spec))
+        knobs = replace(auto.knobs, max_pool_replicas=pool_maxima(spec))
+        decision = policy.decide(snapshot, memory.policy_state, profile, knobs)
         memory.policy_state = decision.state
     plan = plan_round(
         pipeline=name,
@@ -158,7 +195,7 @@ def _round(
         # A pooled stage's size is split over its pools (render.pool_replicas); a pool
         # whose share did not move renders unchanged and is not written.
         owner = Owner(name=name, namespace=namespace, uid=uid)
-        for child in render_all(owner, spec, plan.apply):
+        for child in render_all(owner, spec, plan.apply, plan.apply_pools):
             if child.kind == "StatefulSet":
                 ctx.kube.apply(child)
     _report(ctx, body, namespace, name, plan)

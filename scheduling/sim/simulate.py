@@ -1,8 +1,15 @@
 """Discrete-event simulation of a disaggregated pipeline driven by a real policy (pure).
 
-The cluster: per stage a pool of instances on one accelerator type, fed by
-one work-conserving queue served in `SimConfig.queue_order` (queue_order.py:
-"fifo", or "edf" by the request's SLO deadline with an aging bound). A
+The cluster: per stage a pool of instances, fed by one queue served in
+`SimConfig.queue_order` (queue_order.py: "fifo", or "edf" by the request's
+SLO deadline with an aging bound). A pool is on one accelerator type, or on
+several when the policy's decision has `pools` (heterogeneous pools): then
+dispatch is speed-aware, least expected completion as in the workers
+(worker/runtime/dispatch.py): a request goes to the fastest idle instance,
+and an idle instance leaves it queued while faster busy ones are expected to
+finish every queued request before it would finish the first (expected times
+are the profile's, noise-free, as a worker's service-time EWMA). One type:
+work-conserving, as before. A
 request runs encoder -> denoiser -> decoder; each hop adds
 `profile.handoff_seconds` of latency (the instance is free at once: the
 hand-off overlaps the next compute). Service time is the profile's prediction
@@ -293,9 +300,18 @@ class _Run:
         self.starting: list[list[int]] = [[] for _ in range(k)]
         self.busy = [0] * k
         self.draining = [0] * k  # busy instances that leave after their request
-        self.owed = [0] * k  # of those, the ones owed by a scale-down (not an accelerator move)
         self.pending = [0] * k  # pods asked for that do not fit the budget yet
         self.target = [0] * k
+        # Heterogeneous pools: the same per accelerator index (they add up to the above).
+        self.pool_target: list[dict[int, int]] = [{} for _ in range(k)]
+        self.pending_acc: list[dict[int, int]] = [{} for _ in range(k)]
+        self.drain_acc: list[dict[int, int]] = [{} for _ in range(k)]
+        self.busy_acc: list[dict[int, int]] = [{} for _ in range(k)]
+        self.mixed = [False] * k  # more than one accelerator type in the pool now
+        # Mixed pools: the busy instances and when each expects to be free (noise-free
+        # time, as a worker's service-time EWMA predicts it), for speed-aware dispatch.
+        self.running: list[set[int]] = [set() for _ in range(k)]
+        self.free_at: list[float] = []
         self.handing = [0] * k
         # Instances: pool, accelerator index, GPUs, state (0 starting, 1 up, 2 gone).
         self.i_pool: list[int] = []
@@ -340,8 +356,8 @@ class _Run:
         self.acc_alloc[a] -= g
         self.cost_rate -= g * self.price[a]
 
-    def _create(self, pool: int, ready: bool) -> bool:
-        acc = self.acc[pool]
+    def _create(self, pool: int, acc_i: int, ready: bool) -> bool:
+        acc = self.sim.acc_names[acc_i]
         g = self.sim.profile.gpus_per_instance(self.sim.pools[pool], acc)
         lim = self.limit[acc]
         if self.alloc + g > self.sim.cfg.gpus or (
@@ -351,9 +367,10 @@ class _Run:
         self._account(self.now)
         inst = len(self.i_pool)
         self.i_pool.append(pool)
-        self.i_acc.append(self.sim.acc_names.index(acc))
+        self.i_acc.append(acc_i)
         self.i_gpus.append(g)
         self.batch_of.append([])
+        self.free_at.append(0.0)
         self.alloc += g
         self.acc_alloc[acc] += g
         self.cost_rate += g * self.price[acc]
@@ -369,49 +386,68 @@ class _Run:
         return True
 
     def _schedule(self, ready: bool = False) -> None:
-        """Start pending pods, one per pool in turn, while the budget has room."""
+        """Start pending pods, one per pool (and type) in turn, while the budget has room."""
         progress = True
         while progress:
             progress = False
             for p in range(len(self.pending)):
-                if self.pending[p] and self._create(p, ready):
-                    self.pending[p] -= 1
-                    progress = True
+                if not self.pending[p]:
+                    continue
+                for a, n in self.pending_acc[p].items():
+                    if n and self._create(p, a, ready):
+                        self.pending_acc[p][a] -= 1
+                        self.pending[p] -= 1
+                        progress = True
 
-    def _live(self, p: int) -> int:
+    def _live(self, p: int, a: int) -> int:
+        """Instances of type `a` in pool p that stay: pending, starting, up, not draining."""
+        on_a = sum(1 for i in self.starting[p] if self.i_acc[i] == a) + sum(
+            1 for i in self.idle[p] if self.i_acc[i] == a
+        )
         return (
-            self.pending[p]
-            + len(self.starting[p])
-            + len(self.idle[p])
-            + self.busy[p]
-            - self.draining[p]
+            self.pending_acc[p].get(a, 0)
+            + on_a
+            + self.busy_acc[p].get(a, 0)
+            - self.drain_acc[p].get(a, 0)
         )
 
-    def _scale(self, p: int, target: int, acc: str) -> None:
-        if acc != self.acc[p]:  # an accelerator move: every old pod leaves, new ones start
-            self.acc[p] = acc
-            self.acc_i[p] = self.sim.acc_names.index(acc)
-            for inst in self.starting[p] + self.idle[p]:
-                self._free(inst)
-            self.starting[p], self.idle[p] = [], []
-            self.pending[p] = self.owed[p] = 0
-            self.draining[p] = self.busy[p]
-        self.target[p] = target
-        extra = self._live(p) - target
-        cut = min(extra, self.pending[p]) if extra > 0 else 0
-        self.pending[p] -= cut
-        extra -= cut
-        while extra > 0 and self.starting[p]:  # newest first
-            self._free(self.starting[p].pop())
-            extra -= 1
-        while extra > 0 and self.idle[p]:
-            self._free(self.idle[p].pop())
-            extra -= 1
-        if extra > 0:
-            self.draining[p] += extra
-            self.owed[p] += extra
-        elif extra < 0:
-            self.pending[p] -= extra
+    def _scale(self, p: int, sizes: Mapping[int, int], main: int) -> None:
+        """Pool p to `sizes` instances per accelerator index; `main` names the pool's type
+        (SLO deadlines, the snapshot). A type left out goes to zero: its pods leave."""
+        self.acc_i[p], self.acc[p] = main, self.sim.acc_names[main]
+        self.target[p] = sum(sizes.values())
+        self.pool_target[p] = {a: n for a, n in sizes.items() if n}
+        present = {self.i_acc[i] for i in self.starting[p] + self.idle[p]}
+        kinds = set(sizes) | present | set(self.pending_acc[p]) | set(self.busy_acc[p])
+        for a in sorted(kinds):
+            extra = self._live(p, a) - sizes.get(a, 0)
+            cut = min(extra, self.pending_acc[p].get(a, 0)) if extra > 0 else 0
+            self._add_pending(p, a, -cut)
+            extra -= cut
+            extra = self._free_newest(p, self.starting[p], a, extra)
+            extra = self._free_newest(p, self.idle[p], a, extra)
+            if extra > 0:  # busy ones finish their request first
+                self.draining[p] += extra
+                self.drain_acc[p][a] = self.drain_acc[p].get(a, 0) + extra
+            elif extra < 0:
+                self._add_pending(p, a, -extra)
+        # Only a pool asked to hold several types can have several types idle at once.
+        self.mixed[p] = not self.sim.mono and len(self.pool_target[p]) > 1
+
+    def _add_pending(self, p: int, a: int, n: int) -> None:
+        if n:
+            self.pending[p] += n
+            self.pending_acc[p][a] = self.pending_acc[p].get(a, 0) + n
+
+    def _free_newest(self, p: int, pods: list[int], a: int, extra: int) -> int:
+        """Free up to `extra` of `pods` of type `a`, newest first; what is left to remove."""
+        for j in range(len(pods) - 1, -1, -1):
+            if extra <= 0:
+                break
+            if self.i_acc[pods[j]] == a:
+                self._free(pods.pop(j))
+                extra -= 1
+        return extra
 
     # -- requests --------------------------------------------------------------------
     def _start(self, p: int, inst: int, r: int, t: float) -> None:
@@ -420,6 +456,7 @@ class _Run:
         self.busy_t[p] = t
         self.busy[p] += 1
         a, k = self.i_acc[inst], sim.shape_of[r]
+        self.busy_acc[p][a] = self.busy_acc[p].get(a, 0) + 1
         if sim.mono:
             base = sum(sim.base[s][a][k] for s in range(len(STAGES)))
             st = sum(sim.base[s][a][k] * sim.noise[s][r] for s in range(len(STAGES)))
@@ -427,6 +464,9 @@ class _Run:
             base = sim.base[p][a][k]
             st = base * sim.noise[p][r]
         self.unloaded[r] += base
+        if self.mixed[p]:
+            self.running[p].add(inst)
+            self.free_at[inst] = t + base
         heapq.heappush(self.heap, (t + st, _DONE, inst, r, st))
 
     def _start_batch(self, p: int, inst: int, batch: list[int], t: float) -> None:
@@ -436,20 +476,49 @@ class _Run:
         self.busy_t[p] = t
         self.busy[p] += 1
         a, head, size = self.i_acc[inst], batch[0], len(batch)
+        self.busy_acc[p][a] = self.busy_acc[p].get(a, 0) + 1
         k = sim.shape_of[head]
         stages = range(len(STAGES)) if sim.mono else (p,)
         base = sum(sim.base[s][a][k] for s in stages)
         st = sum(sim.base[s][a][k] * sim.factor(s, a, size) * sim.noise[s][head] for s in stages)
         for r in batch:
             self.unloaded[r] += base
+        if self.mixed[p]:
+            self.running[p].add(inst)
+            self.free_at[inst] = t + sum(sim.base[s][a][k] * sim.factor(s, a, size) for s in stages)
         self.batch_of[inst] = batch
         heapq.heappush(self.heap, (t + st, _DONE, inst, -1, st))
 
     def _serve_or_idle(self, p: int, inst: int) -> None:
-        if self.queue[p]:
+        if self.queue[p] and not (self.mixed[p] and self._leave_to_faster(p, inst)):
             self._take(p, inst, self.now)
         else:
             self.idle[p].append(inst)
+
+    def _leave_to_faster(self, p: int, inst: int) -> bool:
+        """Least expected completion: True when faster instances, busy now, are expected
+        to finish every queued request of pool p sooner than `inst` would finish the head
+        (so a slow instance does not take work a fast one finishes first)."""
+        base, k = self.sim.base[p], self.sim.shape_of[self.queue[p].head()]
+        mine = self.now + base[self.i_acc[inst]][k]
+        sooner = 0  # queued requests faster instances are expected to finish by then
+        for j in self.running[p]:
+            t = base[self.i_acc[j]][k]
+            if t > 0:
+                sooner += max(0, int((mine - max(self.free_at[j], self.now)) // t))
+        return len(self.queue[p]) <= sooner
+
+    def _wake(self, p: int) -> None:
+        """Mixed pools: idle instances left work to faster ones; take it once the queue
+        holds more than those will finish first."""
+        base = self.sim.base[p]
+        while self.queue[p] and self.idle[p]:
+            k = self.sim.shape_of[self.queue[p].head()]
+            inst = min(self.idle[p], key=lambda i: base[self.i_acc[i]][k])
+            if self._leave_to_faster(p, inst):
+                return  # the fastest idle one leaves it: so would the slower
+            self.idle[p].remove(inst)
+            self._take(p, inst, self.now)
 
     def _take(self, p: int, inst: int, t: float) -> None:
         """`inst` serves the head of its (non-empty) queue, batched when allowed."""
@@ -497,6 +566,7 @@ class _Run:
                 starting=len(self.starting[p]) + self.pending[p],
                 desired=self.target[p],
                 accelerator=self.acc[p],
+                pools={self.sim.acc_names[a]: n for a, n in self.pool_target[p].items()},
                 queue_depth=float(len(self.queue[p])) if p else 0.0,
                 in_flight=float(len(self.queue[p]) + self.busy[p] + self.handing[p]),
                 busy=(self.busy_int[p] - busy_old[1][p]) / busy_span if busy_span > 0 else None,
@@ -550,15 +620,25 @@ class _Run:
             d = decision.stages.get(name)
             if d is None:
                 continue
-            acc = d.accelerator or self.acc[p]
-            stage_ok = sim.mono or acc in sim.profile.stages[name]
-            if acc not in sim.acc_names or not stage_ok:
-                raise SimulationError(f"policy {sim.policy.name}: {name} cannot run on {acc!r}")
-            target = max(0, int(d.replicas))
-            if target != self.target[p] or acc != self.acc[p]:
+            main = d.accelerator or self.acc[p]
+            wanted = dict(d.pools) if d.pools else {main: d.replicas}
+            sizes = {}
+            for acc, n in wanted.items():
+                stage_ok = sim.mono or acc in sim.profile.stages[name]
+                if acc not in sim.acc_names or not stage_ok:
+                    raise SimulationError(f"policy {sim.policy.name}: {name} cannot run on {acc!r}")
+                sizes[sim.acc_names.index(acc)] = max(0, int(n))
+            if main not in sim.acc_names:
+                raise SimulationError(f"policy {sim.policy.name}: {name} cannot run on {main!r}")
+            main_i = sim.acc_names.index(main)
+            held = {a: n for a, n in sizes.items() if n}
+            if held != self.pool_target[p] or main_i != self.acc_i[p]:
                 self.scale_events += not ready
-                self._scale(p, target, acc)
+                self._scale(p, sizes, main_i)
         self._schedule(ready)
+        for p in range(len(sim.pools)):
+            if self.idle[p] and self.queue[p]:  # left to faster instances that may be gone
+                self._wake(p)
         if self.edf:
             self._set_deadlines()
         return decision.state
@@ -623,12 +703,18 @@ class _Run:
                         else:
                             self.handing[p] += 1
                             heappush(heap, (t + hop, _HOP, p + 1, r, 0.0))
-                    if self.draining[p] and (self.i_acc[inst] != self.acc_i[p] or self.owed[p]):
-                        if self.i_acc[inst] == self.acc_i[p]:
-                            self.owed[p] -= 1
+                    a = self.i_acc[inst]
+                    self.busy_acc[p][a] -= 1
+                    self.running[p].discard(inst)
+                    if self.draining[p] and self.drain_acc[p].get(a):
+                        self.drain_acc[p][a] -= 1
                         self.draining[p] -= 1
                         self._free(inst)
                         self._schedule()
+                        if self.mixed[p]:  # one fewer fast instance to leave work to
+                            self._wake(p)
+                    elif self.mixed[p]:
+                        self._serve_or_idle(p, inst)
                     elif queue[p]:
                         batch = queue[p].pop_batch(max_batch[p])
                         if len(batch) == 1:
@@ -640,12 +726,14 @@ class _Run:
                 elif kind == _HOP:
                     p = inst
                     self.handing[p - 1] -= 1
-                    if idle[p] and not queue[p]:
+                    if idle[p] and not queue[p] and not self.mixed[p]:
                         self._start(p, idle[p].pop(), r, t)
                     else:
                         key = sim.shape_of[r] if max_batch[p] > 1 else None
                         deadline = self.deadline[r] if edf else None
                         queue[p].push(r, arrival=t, deadline=deadline, key=key)
+                        if idle[p]:  # a mixed pool: the fastest idle one, unless a faster
+                            self._wake(p)  # busy one is expected to finish it first
                 elif self.i_state[inst] == 0:  # _READY, unless removed while starting
                     p = self.i_pool[inst]
                     self.i_state[inst] = 1
@@ -665,12 +753,14 @@ class _Run:
                 in_system += 1
                 if edf:
                     self.deadline[r] = t + self.deadline_after[sim.shape_of[r]]
-                if idle[0] and not queue[0]:
+                if idle[0] and not queue[0] and not self.mixed[0]:
                     self._start(0, idle[0].pop(), r, t)
                 else:
                     key = sim.shape_of[r] if max_batch[0] > 1 else None
                     deadline = self.deadline[r] if edf else None
                     queue[0].push(r, arrival=t, deadline=deadline, key=key)
+                    if idle[0]:
+                        self._wake(0)
             else:
                 if next_tick > end:
                     break

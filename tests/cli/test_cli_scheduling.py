@@ -215,6 +215,19 @@ def test_dump_trace_as_the_readme_shows(tmp_path: Path) -> None:
     assert times == sorted(times) and times[0] >= 0
 
 
+def test_simulate_compares_pools_on_the_mixed_profile_by_default() -> None:
+    args = ["simulate", "--trace", "builtin:burst", "--profile", "builtin:qwen-image-h100-l40s"]
+    out = json.loads(ok(disagfusion(*args, "--slo", "120s", "--load", "1.34", "--json")))
+    policies = out["policies"]
+    assert "hybrid-pools" in policies and "hybrid" in policies
+    assert policies["hybrid-pools"]["slo_attainment"] > policies["hybrid"]["slo_attainment"]
+    one_type = ["simulate", "--trace", "builtin:steady", "--profile", "builtin:qwen-image-h100"]
+    assert "hybrid-pools" not in json.loads(ok(disagfusion(*one_type, "--json")))["policies"]
+    base = json.loads(ok(disagfusion(*args, "--policy", "hybrid", "--json")))
+    more = json.loads(ok(disagfusion(*args, "--policy", "hybrid", "--load", "1.34", "--json")))
+    assert more["requests"] == pytest.approx(1.34 * base["requests"], rel=0.05)
+
+
 def test_simulate_list_json() -> None:
     doc = json.loads(ok(disagfusion("simulate", "--list", "--json")))
     assert {p["name"] for p in doc["profiles"]} == {f"builtin:{n}" for n in BUILTIN_PROFILES}
@@ -296,6 +309,14 @@ def test_every_flag_has_help_and_shows_its_default(command: str) -> None:
         (["simulate", "--dump-trace", "steady"], "builtin:NAME"),
         (["profile", "--show", "builtin:nope"], "unknown profile builtin:nope"),
         (["profile"], "one of the arguments --model --show --list is required"),
+        (
+            [
+                *["simulate", "--trace", "builtin:steady", "--profile", "builtin:qwen-image-h100"],
+                "--load",
+                "0",
+            ],
+            "--load must be a positive number",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: list[str], message: str) -> None:

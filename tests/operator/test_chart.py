@@ -33,6 +33,8 @@ FULLNAME = f"{RELEASE}-disagfusion"
 # The oldest Kubernetes the chart targets in practice and the newest schemas known.
 K8S_VERSIONS = ["1.30.0", f"{kubernetes_validate.latest_version()}.0"]
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor"}
+# --set escapes the dots of a label key.
+PROM_NS_LABEL = "kubernetes\\.io/metadata\\.name"
 
 Doc = dict[str, Any]
 
@@ -52,6 +54,7 @@ VALUE_SETS: dict[str, list[str]] = {
         "image.pullPolicy=Always",
         "logLevel=DEBUG",
         "dashboards.annotations.grafana_folder=disagfusion",
+        f"networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.{PROM_NS_LABEL}=monitoring",
     ],
     "no-rbac-no-sa": [
         "rbac.create=false",
@@ -59,6 +62,7 @@ VALUE_SETS: dict[str, list[str]] = {
         "serviceAccount.name=platform-operator",
         "metrics.service.enabled=false",
         "dashboards.enabled=false",
+        "networkPolicy.enabled=false",
     ],
 }
 
@@ -299,6 +303,7 @@ COMMON_RULES = {
     ("apps", "deployments"): WRITE,
     ("", "services"): WRITE,
     ("", "configmaps"): WRITE,
+    ("networking.k8s.io", "networkpolicies"): WRITE,
     ("", "events"): {"create"},
 }
 CLUSTER_RULES = {
@@ -361,6 +366,62 @@ def test_rbac_and_service_account_off(rendered: dict[str, list[Doc]]) -> None:
     assert "ServiceAccount" not in kinds and "Service" not in kinds and "ConfigMap" not in kinds
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "platform-operator"
+
+
+# --- the operator's NetworkPolicy -------------------------------------------------------
+
+
+def test_operator_network_policy_admits_only_its_metrics_and_health_ports(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    docs = rendered["default"]
+    policy = one(docs, "NetworkPolicy")
+    assert policy["metadata"]["name"] == f"{FULLNAME}-operator"
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = policy["spec"]["podSelector"]
+    assert set(selector) == {"matchLabels"}
+    assert selector["matchLabels"].items() <= pod_labels.items()
+    assert selector["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    # Ingress only: the operator opens its own connections (API server, Prometheus).
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    rules = policy["spec"]["ingress"]
+    assert [r["ports"] for r in rules] == [
+        [{"protocol": "TCP", "port": ports["metrics"]}],
+        [{"protocol": "TCP", "port": ports["health"]}],
+    ]
+    assert all("from" not in r for r in rules)  # any source, by default
+
+
+def test_operator_network_policy_follows_the_ports_and_metrics_from() -> None:
+    docs = template(
+        [
+            "metrics.port=9100",
+            "operator.healthPort=9101",
+            f"networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.{PROM_NS_LABEL}=mon",
+            "networkPolicy.metricsFrom[1].ipBlock.cidr=10.0.0.0/8",
+        ]
+    )
+    metrics, health = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert metrics == {
+        "ports": [{"protocol": "TCP", "port": 9100}],
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mon"}}},
+            {"ipBlock": {"cidr": "10.0.0.0/8"}},
+        ],
+    }
+    # The kubelet probes the health port from the node: it stays open.
+    assert health == {"ports": [{"protocol": "TCP", "port": 9101}]}
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(one(docs, "NetworkPolicy"), version, strict=True)
+
+
+def test_operator_network_policy_can_be_switched_off(rendered: dict[str, list[Doc]]) -> None:
+    assert not by_kind(rendered["no-rbac-no-sa"], "NetworkPolicy")
+    assert by_kind(rendered["namespaced-monitors"], "NetworkPolicy")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["networkPolicy"] == {"enabled": True, "metricsFrom": []}
 
 
 # --- monitors --------------------------------------------------------------------------
@@ -430,6 +491,12 @@ def test_crd_installed_from_crds_folder(rendered: dict[str, list[Doc]]) -> None:
         ("workerImage.tag=-1", "/workerImage/tag"),
         ("workerImage.repository=", "/workerImage/repository"),
         ("workerImage.pullPolicy=Always", "/workerImage"),  # not a worker-image setting
+        ("networkPolicy.enabled=maybe", "/networkPolicy/enabled"),
+        ("networkPolicy.metricsFrom[0].port=80", "/networkPolicy/metricsFrom/0"),
+        (
+            "networkPolicy.metricsFrom[0].podSelector.matchExpressions[0].operator=Near",
+            "/networkPolicy/metricsFrom/0/podSelector/matchExpressions/0",
+        ),
     ],
 )
 def test_values_schema_rejects(bad: str, where: str) -> None:

@@ -17,7 +17,7 @@ import celpy
 import pytest
 import yaml
 
-from disagfusion.operator.spec import validate_spec
+from disagfusion.operator.spec import NetworkPolicySpec, parse_spec, validate_spec
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "disagfusion.io_diffusionpipelines.yaml"
 STAGES = ("encoder", "denoiser", "decoder")
@@ -156,6 +156,9 @@ def broken_rules(schema: dict[str, Any], obj: Any) -> list[str]:
         for key, prop in (schema.get("properties") or {}).items():
             if key in obj:
                 failed += broken_rules(prop, obj[key])
+    if isinstance(obj, list) and "items" in schema:
+        for item in obj:
+            failed += broken_rules(schema["items"], item)
     return failed
 
 
@@ -231,3 +234,82 @@ def test_the_replica_rule_holds_for_the_expected_cases() -> None:
     assert not refused({"model": {"source": "org/m"}, "gateway": {"replicas": 2}})
     assert refused({"model": {"source": "org/m"}, "gateway": {"replicas": 2, "jobStore": {}}})
     assert refused({"model": wan, "gateway": {"jobStore": {"type": "redis"}}})
+
+
+# spec.networkPolicy: on by default, its peers refused alike by the CRD and the operator.
+
+
+def network_policy_schema() -> dict[str, Any]:
+    return dict(spec_schema()["properties"]["networkPolicy"])
+
+
+def test_network_policies_are_on_by_default_in_the_crd_and_the_operator() -> None:
+    schema = spec_schema()
+    raw = {"model": {"source": "builtin:tiny-unet"}}
+    applied = defaulted(schema, raw)
+    assert applied["networkPolicy"] == {"enabled": True}
+    props = network_policy_schema()["properties"]
+    assert props["enabled"]["default"] is NetworkPolicySpec().enabled is True
+    assert "default" not in props["metricsFrom"]
+    # What the API server stores and what a cluster that defaults nothing sends parse alike.
+    assert parse_spec(applied).network_policy == parse_spec(raw).network_policy
+    assert parse_spec(applied).network_policy.metrics_from == []
+    off = defaulted(schema, {**raw, "networkPolicy": {"enabled": False}})
+    assert off["networkPolicy"] == {"enabled": False}
+    assert parse_spec(off).network_policy.enabled is False
+
+
+NS = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+PEERS: list[Any] = [
+    {"namespaceSelector": NS},
+    {"namespaceSelector": {}},
+    {"namespaceSelector": NS, "podSelector": {"matchLabels": {"app": "prometheus"}}},
+    {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["p"]}]}},
+    {"podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}},
+    {"ipBlock": {"cidr": "10.0.0.0/8"}},
+    {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+    {},
+    {"ipBlock": {"cidr": "10.0.0.0/8"}, "namespaceSelector": NS},
+    {"ipBlock": {}},
+    {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}},
+    {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": []}]}},
+    {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}},
+    {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}},
+    {"podSelector": {"matchExpressions": [{"operator": "Exists"}]}},
+    {"podSelector": {"matchLabels": {"app": 1}}},
+    {"podSelector": {}, "port": 8080},
+    "monitoring",
+]
+
+
+@pytest.mark.parametrize("peer", PEERS, ids=str)
+def test_the_crd_and_the_operator_refuse_the_same_peers(peer: Any) -> None:
+    from tests.operator.test_examples import api_version, errors
+
+    spec = {"model": {"source": "builtin:tiny-unet"}, "networkPolicy": {"metricsFrom": [peer]}}
+    obj = {"apiVersion": api_version(), "kind": "DiffusionPipeline", "metadata": {"name": "p"}}
+    obj["spec"] = spec
+    schema = spec_schema()
+    # The schema first (a CEL rule never sees an object the schema refused).
+    crd = errors(obj) or broken_rules(schema, defaulted(schema, spec))
+    problems = validate_spec(spec)
+    assert all(p.startswith("spec.networkPolicy.metricsFrom") for p in problems), problems
+    assert bool(crd) == bool(problems), (peer, crd, problems)
+
+
+def test_the_peer_rules_hold_for_the_expected_cases() -> None:
+    """Agreement could hold with both sides wrong: pin the CEL verdicts down."""
+    schema = network_policy_schema()
+
+    def refused(peer: dict[str, Any]) -> bool:
+        return bool(broken_rules(schema, defaulted(schema, {"metricsFrom": [peer]})))
+
+    assert not refused({"namespaceSelector": NS})
+    assert not refused({"namespaceSelector": NS, "podSelector": {}})
+    assert not refused({"ipBlock": {"cidr": "10.0.0.0/8"}})
+    assert refused({})
+    assert refused({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}})
+    assert refused({"podSelector": {"matchExpressions": [{"key": "a", "operator": "NotIn"}]}})
+    assert not refused(
+        {"podSelector": {"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}}
+    )

@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from disagfusion.operator import conditions as cond
-from disagfusion.operator.render import Child, Owner, render_all
+from disagfusion.operator.children import render_all
+from disagfusion.operator.render import Child, Owner
 from disagfusion.operator.spec import (
     DEFAULT_IMAGE,
     FAMILIES,

@@ -144,3 +144,56 @@ async def test_the_autoscaler_grows_only_the_pools_it_must(cluster: Cluster) -> 
             prom.set_queue(denoiser=20)
             await eventually(lambda: replicas(cluster, "sd-denoiser-l40s") == 2)
             assert replicas(cluster, "sd-denoiser-h100") == 3
+
+
+class RatePrometheus(FakePrometheus):
+    """FakePrometheus whose gateway arrival rate is `self.rate` requests/s."""
+
+    rate = 1.0
+
+    def answer(self, key: str) -> dict[str, Any]:
+        out = super().answer(key)
+        if key == "arrivals":
+            out["result"][0]["value"][1] = str(self.rate)
+        return out
+
+
+async def test_the_default_policy_sizes_each_pool_on_its_own(cluster: Cluster) -> None:
+    """The operator's own policy (no test policy) over pools: under a 60 s SLO an L40S
+    denoise (68 s) misses, so the L40S pool, listed first, is emptied and the H100 pool
+    grows; a split of one stage size in list order could never do that."""
+    l40s = {**L40S, "replicas": 2, "maxReplicas": 4}
+    h100 = {**H100, "replicas": 1, "maxReplicas": 6}
+    prom = RatePrometheus("sd")
+    prom.rate = 0.1
+    with prom.running():
+        async with operator(cluster, prometheus_url=prom.url, policy=None) as ctx:
+            del ctx
+            await cluster.create(
+                pooled(
+                    l40s,
+                    h100,
+                    autoscaling={
+                        "mode": "Active",
+                        "profile": "builtin:qwen-image-h100-l40s",
+                        "slo": "60s",
+                        "intervalSeconds": 0.2,
+                    },
+                )
+            )
+            await eventually(lambda: replicas(cluster, "sd-denoiser-l40s") == 0)
+            await eventually(lambda: (replicas(cluster, "sd-denoiser-h100") or 0) >= 2)
+            auto = (cluster.get(CRD, "sd") or {})["status"]["autoscaling"]
+            assert auto["policy"] == "hybrid-pools"
+            assert auto["pools"]["denoiser"]["l40s"] == 0
+            assert auto["pools"]["denoiser"]["h100"] == replicas(cluster, "sd-denoiser-h100")
+            stage = auto["stages"]["denoiser"]
+            assert stage["desiredPools"] == auto["pools"]["denoiser"]
+            assert "H100" in stage["reason"]
+            # Pool status follows, and the sizes survive a reconcile (drift repair).
+            await eventually(lambda: pool_status(cluster)["l40s"]["desiredReplicas"] == 0)
+            await cluster.patch(
+                f"/apis/apps/v1/namespaces/{NS}/statefulsets/sd-denoiser-l40s",
+                {"spec": {"replicas": 3}},
+            )
+            await eventually(lambda: replicas(cluster, "sd-denoiser-l40s") == 0)

@@ -12,6 +12,7 @@ import yaml
 from disagfusion import __version__
 from disagfusion.cli import build_parser
 from disagfusion.operator import conditions as cond
+from disagfusion.operator.children import render_all
 from disagfusion.operator.context import merge_patch
 from disagfusion.operator.kube import in_sync, is_subset
 from disagfusion.operator.render import (
@@ -25,7 +26,6 @@ from disagfusion.operator.render import (
     Child,
     Owner,
     effective_replicas,
-    render_all,
     topology,
 )
 from disagfusion.operator.spec import (
@@ -421,6 +421,7 @@ def test_children_and_names() -> None:
         "Service/sd-decoder",
         "Deployment/sd-gateway",
         "Service/sd-gateway",
+        *(f"NetworkPolicy/sd-{c}" for c in ("gateway", "encoder", "denoiser", "decoder")),
     }
     for body in children.values():
         meta = body["metadata"]

@@ -12,7 +12,8 @@ import pytest
 
 from disagfusion.cli import build_parser
 from disagfusion.operator import conditions as cond
-from disagfusion.operator.render import Child, Owner, render_all
+from disagfusion.operator.children import render_all
+from disagfusion.operator.render import Child, Owner
 from disagfusion.operator.spec import (
     QUEUE_ORDERS,
     BatchingSpec,

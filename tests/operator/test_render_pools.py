@@ -13,6 +13,7 @@ import celpy
 import pytest
 import yaml
 
+from disagfusion.operator.children import render_all
 from disagfusion.operator.render import (
     ACCELERATOR_LABEL,
     POOL_LABEL,
@@ -20,7 +21,6 @@ from disagfusion.operator.render import (
     Owner,
     effective_replicas,
     pool_replicas,
-    render_all,
     topology,
 )
 from disagfusion.operator.spec import DEFAULT_POOL, SpecError, parse_spec, validate_spec

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -446,3 +447,51 @@ async def test_metrics_count_busy_rejections(cluster: Cluster) -> None:
 
 
 # ----------------------------------------------------------------------------- gateway
+
+
+@pytest.mark.parametrize("source", ["encoder", "gateway", "decoder", ""])
+async def test_a_stage_takes_work_only_from_its_upstream(cluster: Cluster, source: str) -> None:
+    """The decoder's upstream is the denoiser: a submission naming anyone else (a pod
+    skipping the pipeline's order, or the gateway's own admission) is refused for good."""
+    gw, gw_addr = await cluster.gateway()
+    compute = FakeCompute()
+    stage = await cluster.stage(compute)
+    forged = replace(payload("forged", gw_addr), source_stage=source)
+    s = cluster.submit(stage.addr, forged)
+    ack = await s.ack()
+    assert (status(ack), ack.retryable) == ("REJECTED", False)
+    assert "only from denoiser" in ack.reason
+    assert rejected(stage, "sender") == 1
+    assert compute.calls == []
+    good = cluster.submit(stage.addr, payload("good", gw_addr))
+    assert await good.rest() == ["RECEIVED", "DONE"]
+    assert [p.request_id for p in gw.results] == ["good"]
+
+
+async def test_a_cancel_drops_a_queued_request_and_skips_it_when_it_comes_again(
+    cluster: Cluster,
+) -> None:
+    gw, gw_addr = await cluster.gateway()
+    compute = FakeCompute(block=True)
+    stage = await cluster.stage(compute)
+    a = cluster.submit(stage.addr, payload("A", gw_addr))
+    assert status(await a.ack()) == "RECEIVED"
+    await wait_until(lambda: compute.active == {"A"}, "A computing")
+    b = cluster.submit(stage.addr, payload("B", gw_addr))
+    assert status(await b.ack()) == "RECEIVED"  # queued behind A
+    stub = cluster.stub(stage.addr)
+    health = await stub.Health(pb.HealthRequest())
+    assert (health.queue_depth, health.in_flight) == (1, 2)
+
+    assert (await stub.Cancel(pb.CancelRequest(request_id="B"))).held
+    assert not (await stub.Cancel(pb.CancelRequest(request_id="nobody"))).held
+    health = await stub.Health(pb.HealthRequest())
+    assert (health.queue_depth, health.in_flight) == (0, 1)
+    assert await b.rest() == ["DONE"]  # custody released: its sender is done with it
+    # A copy of B still in transit (a sender's retry) is acknowledged, not computed.
+    again = cluster.submit(stage.addr, payload("B", gw_addr))
+    assert await again.rest() == ["RECEIVED", "DONE"]
+    compute.release("A")
+    await wait_until(lambda: gw.of("A"), "A at the gateway")
+    assert compute.calls == ["A"]
+    assert not gw.of("B")

@@ -30,21 +30,27 @@ import base64
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from disagfusion.worker.params import GenerationParams
 
 __all__ = [
+    "IGNORED_ENUMS",
+    "IGNORED_RANGES",
     "MAX_SEED",
+    "SERVED_RESPONSE_FORMATS",
+    "WHITESPACE",
     "ApiError",
     "RequestLimits",
     "error_body",
+    "image_sides",
     "images_response",
     "parse_images_request",
     "parse_size",
     "random_seed",
+    "size_pattern",
 ]
 
 MAX_SEED = 2**63 - 1
@@ -52,6 +58,12 @@ MAX_SEED = 2**63 - 1
 
 _DEFAULT_SEED_BOUND = 2**31
 _SIZE_RE = re.compile(r"([0-9]+)[xX]([0-9]+)")
+_MAX_SIDE_DIGITS = 9  # more digits is refused before int() (slow or raising on huge strings)
+
+# The characters str.strip() removes (str.isspace), spelled out so that a schema
+# pattern built from it means the same to every regex engine (ECMA's \s differs).
+WHITESPACE = r"\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+"""A regex character-class body: exactly Python's whitespace."""
 _MAX_SHOWN = 40  # characters of a user-supplied string echoed back in a message
 _MAX_PARAM = 64  # characters of an unknown key echoed back in ``param``
 
@@ -61,6 +73,18 @@ _OUTPUT_FORMATS = ("png", "jpeg", "webp")
 _BACKGROUNDS = ("auto", "opaque", "transparent")
 _MODERATIONS = ("auto", "low")
 _RESPONSE_FORMATS = ("b64_json", "url")
+SERVED_RESPONSE_FORMATS = ("b64_json",)
+
+# OpenAI fields validated and then ignored: name -> (OpenAI's values, those served) ...
+IGNORED_ENUMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "quality": (_QUALITIES, _QUALITIES),
+    "style": (_STYLES, _STYLES),
+    "output_format": (_OUTPUT_FORMATS, ("png",)),
+    "background": (_BACKGROUNDS, ("auto", "opaque")),
+    "moderation": (_MODERATIONS, _MODERATIONS),
+}
+# ... and name -> (lowest, highest) integer.
+IGNORED_RANGES = {"output_compression": (0, 100), "partial_images": (0, 3)}
 
 # Fields we validate and use, then OpenAI fields we validate and ignore.
 _KNOWN_FIELDS = frozenset(
@@ -237,6 +261,8 @@ def _bad(param: str, message: str, code: str, status: int = 400) -> ApiError:
 
 
 def _int_field(value: object, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 2.0 is the integer 2 (and JSON Schema's "integer")
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(
             name,
@@ -344,7 +370,7 @@ def parse_size(text: object, limits: RequestLimits | None = None) -> tuple[int, 
         return limits.default_size
     match = _SIZE_RE.fullmatch(stripped)
     # Bound the digit count: int() of a very long digit string is slow or raises.
-    if match is None or len(match[1]) > 9 or len(match[2]) > 9:
+    if match is None or len(match[1]) > _MAX_SIDE_DIGITS or len(match[2]) > _MAX_SIDE_DIGITS:
         raise _bad("size", f"Invalid 'size': expected {rule}, got {_show(text)}.", "invalid_size")
     width, height = int(match[1]), int(match[2])
     if limits is None:
@@ -363,6 +389,22 @@ def parse_size(text: object, limits: RequestLimits | None = None) -> tuple[int, 
                 "invalid_size",
             )
     return width, height
+
+
+def size_pattern(sides: Iterable[int], *, auto: bool) -> str:
+    """A regex matching exactly the ``size`` strings the parsers accept with these
+    ``sides``: surrounding whitespace, ``x`` or ``X``, leading zeros up to 9 digits a
+    side, and ``"auto"`` when ``auto`` (the OpenAPI document's ``pattern``)."""
+    numbers = "|".join(f"0{{0,{_MAX_SIDE_DIGITS - len(str(s))}}}{s}" for s in sorted(set(sides)))
+    choice = f"(?:{numbers})[xX](?:{numbers})"
+    if auto:
+        choice = f"auto|{choice}"
+    return f"^[{WHITESPACE}]*(?:{choice})[{WHITESPACE}]*$"
+
+
+def image_sides(limits: RequestLimits) -> range:
+    """Every width (and height) ``limits`` accept."""
+    return range(limits.min_size, limits.max_size + 1, limits.size_multiple)
 
 
 def parse_images_request(
@@ -449,7 +491,7 @@ def parse_images_request(
 
     response_format = get("response_format")
     if response_format is not None:
-        _enum_field(response_format, "response_format", _RESPONSE_FORMATS, ("b64_json",))
+        _enum_field(response_format, "response_format", _RESPONSE_FORMATS, SERVED_RESPONSE_FORMATS)
 
     seed_value = get("seed")
     seed = default_seed() if seed_value is None else _int_field(seed_value, "seed", 0, MAX_SEED)
@@ -487,22 +529,14 @@ def _check_ignored_fields(get: Callable[[str], object]) -> None:
     user = get("user")
     if user is not None:
         _str_field(user, "user")
-    for name, allowed, served in (
-        ("quality", _QUALITIES, _QUALITIES),
-        ("style", _STYLES, _STYLES),
-        ("output_format", _OUTPUT_FORMATS, ("png",)),
-        ("background", _BACKGROUNDS, ("auto", "opaque")),
-        ("moderation", _MODERATIONS, _MODERATIONS),
-    ):
+    for name, (allowed, served) in IGNORED_ENUMS.items():
         value = get(name)
         if value is not None:
             _enum_field(value, name, allowed, served)
-    compression = get("output_compression")
-    if compression is not None:
-        _int_field(compression, "output_compression", 0, 100)
-    partial = get("partial_images")
-    if partial is not None:
-        _int_field(partial, "partial_images", 0, 3)
+    for name, (lo, hi) in IGNORED_RANGES.items():
+        value = get(name)
+        if value is not None:
+            _int_field(value, name, lo, hi)
     stream = get("stream")
     if stream is not None:
         if not isinstance(stream, bool):

@@ -1,5 +1,18 @@
 """`disagfusion gateway`: the gateway process, until SIGTERM.
 
+Two gRPC servers: clients' `Gateway.Generate` on `grpc_port`, and the `Stage`
+service the stages deliver results (and progress, and terminal errors) to on
+`result_port`, the address every request names as its reply_to. Apart, a
+NetworkPolicy can leave the client port open and admit only the pipeline's
+stages to the result port; a client cannot post a forged result.
+
+With TLS (`tls`), the result port and every channel to a stage are mTLS (the
+pipeline's CA, client certificates required: worker/security/tls.py). The
+client ports (HTTP and Generate) stay as they are: they are the public API,
+guarded by the API key and whatever terminates TLS in front of the gateway
+(an Ingress, a mesh); requiring the pipeline's client certificates there would
+turn a stage identity into a client credential.
+
 On SIGTERM the gateway drains: new requests get 503 with Retry-After, the
 accepted ones finish (or, past its drain timeout, are answered with an
 explicit error), then it exits.
@@ -17,11 +30,13 @@ from aiohttp import web
 
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.api import RequestLimits
+from disagfusion.worker.gateway.limits import GatewayLimits
 from disagfusion.worker.gateway.service import Gateway, GatewayConfig, GatewayGrpc, build_http_app
 from disagfusion.worker.probes import start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
 from disagfusion.worker.runtime.peers import SERVER_OPTIONS
 from disagfusion.worker.runtime.sender import HandoffDelay
+from disagfusion.worker.security import tls as security
 from disagfusion.worker.transport.inline_wire import add_stage_servicer
 
 if TYPE_CHECKING:
@@ -60,6 +75,13 @@ class GatewayOptions:
     transport: str = "grpc"
     slo: str | None = None
     transport_options: dict[str, str] = field(default_factory=dict)
+    result_port: int | None = None  # None: grpc_port + 1 (the CLI's default)
+    tls: security.TlsConfig | None = None  # mTLS on the result port and to the stages
+    http_limits: GatewayLimits = field(default_factory=GatewayLimits)  # body, headers, rate
+
+    @property
+    def results_at(self) -> int:
+        return self.result_port if self.result_port is not None else self.grpc_port + 1
 
 
 def limits_for(
@@ -150,6 +172,16 @@ def _safe(name: str) -> str:
 
 
 async def run_gateway(opts: GatewayOptions) -> int:
+    security.check_data_plane(opts.transport, opts.tls)
+    # Before the Gateway exists: it makes its channels to the stages with the process's TLS.
+    security.configure(opts.tls)
+    try:
+        return await _run(opts)
+    finally:
+        security.configure(None)
+
+
+async def _run(opts: GatewayOptions) -> int:
     import grpc
 
     from disagfusion.worker.models import describe_model
@@ -163,7 +195,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
             limits=limits,
             first_stage=first,
             stage_addrs=opts.stage_addrs,
-            result_address=f"{opts.advertise_host}:{opts.grpc_port}",
+            result_address=f"{opts.advertise_host}:{opts.results_at}",
             pipeline=opts.pipeline,
             max_waiting=opts.max_waiting,
             max_pending=opts.max_pending,
@@ -176,14 +208,24 @@ async def run_gateway(opts: GatewayOptions) -> int:
             slo=opts.slo,
         )
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_stage_servicer(gateway, server)  # results' bytes parsed without copies
-    pb_grpc.add_GatewayServicer_to_server(GatewayGrpc(gateway), server)
-    if server.add_insecure_port(f"{opts.host}:{opts.grpc_port}") == 0:
-        raise OSError(f"cannot listen on {opts.host}:{opts.grpc_port}")
-    await server.start()
+    # One server per service: a server answers every service it has on every port.
+    clients = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_GatewayServicer_to_server(GatewayGrpc(gateway), clients)
+    results = grpc.aio.server(options=SERVER_OPTIONS)
+    add_stage_servicer(gateway, results)  # results' bytes parsed without copies
+    # mTLS on the result port only: clients are not pipeline members (see above).
+    for server, port, tls in (
+        (clients, opts.grpc_port, None),
+        (results, opts.results_at, opts.tls),
+    ):
+        if security.add_port(server, f"{opts.host}:{port}", tls) == 0:
+            raise OSError(f"cannot listen on {opts.host}:{port}")
+    if opts.tls is not None:
+        log.info("result port %d requires mTLS; client ports stay plaintext", opts.results_at)
+    await clients.start()
+    await results.start()
     gateway.start()
-    app = build_http_app(gateway)
+    app = build_http_app(gateway, opts.http_limits)
     jobs = await start_jobs(opts, gateway, app, info) if info.is_video else None
     runner = await start_site(app, opts.host, opts.port)
     log.info("gateway for %s on http://%s:%d", name, opts.host, opts.port)
@@ -195,7 +237,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
         await manager.close()
         await store.close()
     # Keep listening while draining: new requests get 503 + Retry-After, and
-    # results for the accepted ones still arrive on the gRPC port.
+    # results for the accepted ones still arrive on the result port.
     log.info("gateway draining: %d accepted request(s) to finish", gateway.pending_count)
     if not await gateway.drain(opts.drain_timeout_s):
         log.warning(
@@ -205,5 +247,6 @@ async def run_gateway(opts: GatewayOptions) -> int:
         )
     await gateway.stop()  # fails whatever is left, explicitly
     await runner.cleanup()  # the handlers write those answers before the sockets close
-    await server.stop(1.0)
+    await clients.stop(1.0)
+    await results.stop(1.0)
     return 0

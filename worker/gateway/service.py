@@ -32,6 +32,8 @@ from disagfusion.worker.gateway.api import (
     images_response,
     parse_images_request,
 )
+from disagfusion.worker.gateway.limits import GatewayLimits, limits_middleware, too_large
+from disagfusion.worker.gateway.openapi import add_openapi_route
 from disagfusion.worker.gateway.slo import SloDeadlines
 from disagfusion.worker.metrics import GatewayMetrics
 from disagfusion.worker.params import GenerationParams
@@ -44,6 +46,7 @@ from disagfusion.worker.runtime.payload import (
 )
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
+from disagfusion.worker.runtime.senders import may_deliver_result
 from disagfusion.worker.transport.base import DescriptorError, NotAccepted, TransferError
 from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
 
@@ -51,6 +54,7 @@ log = logging.getLogger(__name__)
 
 # Late results for requests that already ended are ignored; remember them a while.
 ENDED_MEMORY = 10_000
+CANCEL_TIMEOUT_S = 5.0  # per instance; the Progress check catches a Cancel that is lost
 
 
 class RequestFailed(Exception):
@@ -138,6 +142,7 @@ class Gateway(pb_grpc.StageServicer):
         self._completions: collections.deque[float] = collections.deque(maxlen=256)
         self._seen_ready: set[str] = set()  # stages that have had a ready instance
         self._progress: dict[str, Callable[[float], None]] = {}
+        self._cancels: set[asyncio.Task[None]] = set()
         self.draining = False
 
     # ---- lifecycle ------------------------------------------------------
@@ -278,6 +283,32 @@ class Gateway(pb_grpc.StageServicer):
             self._end(rid)
             if not dispatch.done():
                 dispatch.cancel()
+            if not future.done():  # timed out, or the caller went away: free the stages
+                self._cancel_downstream(rid)
+
+    def _cancel_downstream(self, rid: str) -> None:
+        """Tell every stage instance to drop `rid` (queued, computing or in transit); the
+        progress check at each step (Progress) stays the fallback for a lost Cancel."""
+        task = asyncio.get_running_loop().create_task(self._send_cancels(rid))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _send_cancels(self, rid: str) -> None:
+        addresses = [a for addrs in self.config.stage_addrs.values() for a in addrs]
+
+        async def one(address: str) -> bool:
+            try:
+                reply = await self._channels.stub(address).Cancel(
+                    pb.CancelRequest(request_id=rid), timeout=CANCEL_TIMEOUT_S
+                )
+            except grpc.RpcError as err:  # an instance that is not there holds nothing
+                log.debug("cancel %s at %s: %s", rid, address, err)
+                return False
+            return bool(reply.held)
+
+        held = await asyncio.gather(*(one(a) for a in addresses))
+        self.metrics.cancelled(sum(held))
+        log.info("cancelled %s in %d stage instance(s)", rid, sum(held))
 
     async def _dispatch(self, payload: Payload) -> None:
         self._waiting += 1
@@ -361,6 +392,17 @@ class Gateway(pb_grpc.StageServicer):
             listener(min(request.step / request.total, 1.0))
         return pb.ProgressReply(cancelled=False)
 
+    def _refusal(self, header: pb.WorkHeader) -> str:
+        """Why a delivered result is ignored ("" when it is taken): not from a stage that
+        may deliver it (senders.py), a request this gateway does not hold, or one it
+        already answered."""
+        if not may_deliver_result(header.source_stage, bool(header.error)):
+            return "sender"
+        future = self._pending.get(header.request_id)
+        if future is None:
+            return "answered" if header.request_id in self._ended else "unknown"
+        return "answered" if future.done() else ""
+
     async def Submit(
         self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
     ) -> AsyncIterator[pb.Ack]:
@@ -369,7 +411,18 @@ class Gateway(pb_grpc.StageServicer):
         header = pb.WorkHeader()
         try:
             header = await read_header(stream)
-            if header.request_id in self._pending:
+            refused = self._refusal(header)
+            if refused == "sender":
+                self.metrics.refused_result("sender")
+                yield pb.Ack(
+                    request_id=header.request_id,
+                    status=pb.Ack.REJECTED,
+                    reason=f"results come from the last stage, not {header.source_stage!r}",
+                )
+                return
+            if refused:
+                self.metrics.refused_result(refused)
+            else:
                 backend = accept(self.transports, header)
                 if backend.pushes:
                     yield pb.Ack(request_id=header.request_id, status=pb.Ack.FETCHING)
@@ -401,7 +454,8 @@ class Gateway(pb_grpc.StageServicer):
                 retryable=True,
             )
             return
-        # Unknown ids are requests that already ended: acknowledge so the sender stops.
+        # Unknown ids and answered requests (ended here, or a replay): acknowledge so the
+        # sender stops; they were counted above and change nothing.
         yield pb.Ack(request_id=header.request_id, status=pb.Ack.RECEIVED)
         yield pb.Ack(request_id=header.request_id, status=pb.Ack.DONE)
 
@@ -522,13 +576,26 @@ async def _request_ids_and_json_errors(
     return response
 
 
-def build_http_app(gateway: Gateway) -> web.Application:
+def build_http_app(
+    gateway: Gateway,
+    http_limits: GatewayLimits | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """The OpenAI-style HTTP API; `http_limits` (default: GatewayLimits()) bounds what
+    one client may ask (limits.py); `clock` drives the rate limit."""
+    http_limits = http_limits or GatewayLimits()
     # A video job's reference image arrives in the body: allow it, not more.
-    max_body_mib = 32 if gateway.config.video else 1
+    max_body = http_limits.body_bytes(gateway.config.video)
     app = web.Application(
-        client_max_size=max_body_mib << 20, middlewares=[_request_ids_and_json_errors]
+        client_max_size=max_body,
+        middlewares=[
+            _request_ids_and_json_errors,
+            limits_middleware(http_limits, api_key=gateway.config.api_key, clock=clock),
+        ],
+        handler_args=http_limits.handler_args(),
     )
-    app[MAX_BODY_MIB] = max_body_mib
+    app[MAX_BODY_MIB] = max_body >> 20
     limits = gateway.config.limits
     created = int(time.time())
 
@@ -547,9 +614,11 @@ def build_http_app(gateway: Gateway) -> web.Application:
         try:
             body = await request.json()
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, "request body larger than 1 MiB", "too_large")
+            return too_large(request)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "body is not valid JSON", "invalid_json")
+        except LookupError as err:  # Content-Type names a charset Python does not know
+            return _error(400, f"body cannot be decoded: {err}", "invalid_json")
         if gateway.config.video:
             return _error(
                 400,
@@ -599,4 +668,10 @@ def build_http_app(gateway: Gateway) -> web.Application:
     # Hub ids contain a slash (org/name), local paths several.
     app.router.add_get("/v1/models/{model:.+}", model)
     add_probe_routes(app, gateway.metrics.registry, gateway.readiness)
+    add_openapi_route(
+        app,
+        images=None if gateway.config.video else limits,
+        auth=bool(gateway.config.api_key),
+        http=http_limits,
+    )
     return app

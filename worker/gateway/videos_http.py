@@ -24,6 +24,7 @@ from aiohttp import web
 
 from disagfusion.worker.gateway.api import ApiError, error_body
 from disagfusion.worker.gateway.jobs import ContentUnavailable, JobError, JobManager, JobsFull
+from disagfusion.worker.gateway.openapi import OPENAPI_VIDEOS
 from disagfusion.worker.gateway.video_api import (
     VideoLimits,
     check_reference_image,
@@ -40,6 +41,7 @@ Auth = Callable[[web.Request], str | web.Response]
 SUGGESTED_CLIENT_MAX_SIZE = 16 << 20
 _DATA_URL = re.compile(r"data:image/[a-z.+-]+;base64,(.*)", re.DOTALL)
 _KINDS = {429: "rate_limit_error"}
+_LIMIT = re.compile(r"[0-9]{1,3}")
 
 
 def _error(
@@ -112,7 +114,12 @@ def _bad(param: str | None, message: str, code: str = "invalid_type") -> ApiErro
 
 
 async def _form_fields(request: web.Request) -> tuple[dict[str, str], bytes | None]:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError) as err:  # no boundary, cut short, unknown charset, ...
+        raise ApiError(
+            400, f"The body is not valid form data: {err}"[:200], code="invalid_form"
+        ) from None
     fields: dict[str, str] = {}
     reference = None
     for key in form:
@@ -158,7 +165,7 @@ def _data_url_image(value: object) -> bytes:
 async def _json_fields(request: web.Request) -> tuple[dict[str, str], bytes | None]:
     try:
         body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, LookupError):  # LookupError: an unknown charset
         raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -180,7 +187,8 @@ async def _json_fields(request: web.Request) -> tuple[dict[str, str], bytes | No
 def _list_query(query: Mapping[str, str]) -> tuple[str | None, int, str]:
     after = query.get("after") or None
     limit_text = query.get("limit", "20")
-    if not (limit_text.isdigit() and 1 <= int(limit_text) <= 100):
+    # Not str.isdigit(): it takes digits int() refuses ("²") and others it reads ("٣").
+    if not (_LIMIT.fullmatch(limit_text) and 1 <= int(limit_text) <= 100):
         raise _bad("limit", f"Invalid 'limit': {limit_text[:20]!r}; use 1 to 100.", "out_of_range")
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
@@ -215,6 +223,7 @@ def add_video_routes(
 ) -> None:
     """Serve /v1/videos (create, list), /v1/videos/{video_id} (retrieve, delete)
     and /v1/videos/{video_id}/content from ``manager``."""
+    app[OPENAPI_VIDEOS] = limits  # /openapi.json documents what is mounted
 
     def job_response(job_object: dict[str, Any]) -> web.Response:
         # The openai client's poll() waits this long between retrievals.

@@ -18,6 +18,10 @@ With `max_workers`, every stage gets ports for as many instances as the budget
 allows up front, so each `--next` list and the gateway's topology already name
 every possible instance (as a StatefulSet's DNS names do): absent ones are
 simply skipped by the health polls, and instances come and go at runtime.
+
+With `tls`, `plan` makes a throwaway CA (in memory only) and one certificate per
+process in a private temporary directory, passes each child its three
+`--tls-*` files, and `stop` removes the directory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -155,6 +160,9 @@ class LocalOptions:
     # The gateway's video job store: passed on as given (the gateway's defaults
     # put SQLite beside the model cache, which outlives a restarted gateway).
     gateway_args: list[str] = field(default_factory=list)
+    # mTLS between every process, with throwaway certificates (worker/security/certs.py).
+    tls: bool = False
+    tls_allow_plaintext_data: bool = False  # with tls: still allow torch/nixl bytes
 
     def counts(self) -> dict[str, int]:
         if self.monolithic:
@@ -201,6 +209,7 @@ class LocalCluster:
         self._stopping = False
         self._hurry = threading.Event()  # a second stop signal: kill instead of draining
         self._dead_pids: list[int] = []  # processes replaced by a restart
+        self.tls_dir: Path | None = None  # with opts.tls: the CA and every process's files
 
     @property
     def url(self) -> str:
@@ -284,7 +293,9 @@ class LocalCluster:
         topology = {
             role: [k.address for k in self.workers[role] + self.spare[role]] for role in roles
         }
-        grpc_port = free_port()
+        # Clients' Generate and the stages' results on two ports (the gateway serves
+        # results only on --result-port).
+        grpc_port, result_port = free_port(), free_port()
         self.gateway = Child(
             "gateway",
             "gateway",
@@ -297,6 +308,8 @@ class LocalCluster:
                 str(o.port),
                 "--grpc-port",
                 str(grpc_port),
+                "--result-port",
+                str(result_port),
                 "--topology",
                 json.dumps(topology),
                 "--max-queue",
@@ -311,6 +324,21 @@ class LocalCluster:
                 *self._common_args(delay=False),
             ],
         )
+        if o.tls:
+            self._issue_certificates()
+
+    def _issue_certificates(self) -> None:
+        """One certificate per planned process (spare slots too), each child's
+        `--tls-*` flags on its command line."""
+        from disagfusion.worker.security.certs import LocalCA
+
+        ca = LocalCA(f"disagfusion serve --local CA ({os.getpid()})")
+        self.tls_dir = Path(tempfile.mkdtemp(prefix="disagfusion-tls-"))  # mode 0700
+        planned = [c for kids in (*self.workers.values(), *self.spare.values()) for c in kids]
+        for child in [*planned, *([self.gateway] if self.gateway else [])]:
+            child.argv += ca.write(self.tls_dir, child.name).flags()
+            if self.opts.tls_allow_plaintext_data:
+                child.argv.append("--tls-allow-plaintext-data")
 
     def start(self) -> None:
         from disagfusion.worker.models import describe_model
@@ -477,6 +505,9 @@ class LocalCluster:
             self._stop_phase(children, timeout_s)
         if self.opts.transport == "shm":
             self._remove_shared_memory()
+        if self.tls_dir is not None:
+            shutil.rmtree(self.tls_dir, ignore_errors=True)
+            self.tls_dir = None
 
     def _remove_shared_memory(self) -> None:
         """Segments a killed child published and nobody fetched (a clean exit

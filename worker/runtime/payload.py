@@ -23,12 +23,21 @@ from disagfusion.worker.transport.base import (
     meta_for,
 )
 from disagfusion.worker.transport.grpc import CHUNK_BYTES, GrpcBackend, inline_chunks
+from disagfusion.worker.transport.inline_wire import MalformedChunk
 from disagfusion.worker.transport.wire import inline_data
 
 _INLINE = GrpcBackend()
 _LOCATIONS = frozenset(v for v in pb.TensorLocation.values() if v)
 
-MAX_PAYLOAD_BYTES = 4 << 30
+# What a receiver takes from a header, checked before it allocates anything: the
+# declared bytes (RuntimeConfig.max_payload_bytes, this by default: frames of a long
+# high-resolution video fit), and counts that keep the checks themselves cheap (the
+# product of a million 63-bit dimensions would hold the event loop for hours).
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+MAX_TENSORS = 1024
+MAX_DIMS = 16
+MAX_NAME_CHARS = 256  # a tensor's name, a request id
+_SHOWN = 40  # characters of a sender's string echoed in an error
 
 
 class PayloadError(ValueError):
@@ -117,43 +126,64 @@ def data_chunks(payload: Payload, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb
         yield pb.WorkChunk(data=bytes(chunk))
 
 
-def validate_header(h: pb.WorkHeader) -> None:
-    """Raise PayloadError when the header cannot describe a sane payload."""
+def _show(text: str) -> str:
+    return repr(text[:_SHOWN]) + (f"... ({len(text)} characters)" if len(text) > _SHOWN else "")
+
+
+def validate_header(h: pb.WorkHeader, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    """Raise PayloadError when the header cannot describe a sane payload of at most
+    ``max_bytes`` tensor bytes. Allocates nothing and takes microseconds."""
     if not h.request_id:
         raise PayloadError("header has no request_id")
+    if len(h.request_id) > MAX_NAME_CHARS:
+        raise PayloadError(f"request_id {_show(h.request_id)} is over {MAX_NAME_CHARS} characters")
+    if len(h.tensors) > MAX_TENSORS:
+        raise PayloadError(f"header lists {len(h.tensors)} tensors, over {MAX_TENSORS}")
     total = 0
     names = set()
     for meta in h.tensors:
+        name = _show(meta.name)
+        if len(meta.name) > MAX_NAME_CHARS:
+            raise PayloadError(f"tensor name {name} is over {MAX_NAME_CHARS} characters")
         if meta.name in names:
-            raise PayloadError(f"tensor {meta.name!r} appears twice")
+            raise PayloadError(f"tensor {name} appears twice")
         names.add(meta.name)
         if meta.dtype not in DTYPES:
-            raise PayloadError(f"tensor {meta.name!r} has unsupported dtype {meta.dtype!r}")
+            raise PayloadError(f"tensor {name} has unsupported dtype {_show(meta.dtype)}")
         if meta.location not in _LOCATIONS:
-            raise PayloadError(f"tensor {meta.name!r} has unknown location {meta.location}")
+            raise PayloadError(f"tensor {name} has unknown location {meta.location}")
         if len(meta.handle) > MAX_HANDLE_BYTES:
-            raise PayloadError(f"tensor {meta.name!r}: handle of {len(meta.handle)} bytes")
+            raise PayloadError(f"tensor {name}: handle of {len(meta.handle)} bytes")
+        if len(meta.shape) > MAX_DIMS:
+            raise PayloadError(f"tensor {name} has {len(meta.shape)} dimensions, over {MAX_DIMS}")
         if any(d < 0 for d in meta.shape):
-            raise PayloadError(f"tensor {meta.name!r} has a negative dimension")
+            raise PayloadError(f"tensor {name} has a negative dimension")
         expected = math.prod(meta.shape) * DTYPES[meta.dtype].itemsize
         if meta.nbytes != expected:
             raise PayloadError(
-                f"tensor {meta.name!r}: nbytes {meta.nbytes} != {expected} for its shape/dtype"
+                f"tensor {name}: nbytes {meta.nbytes} != {expected} for its shape/dtype"
             )
         total += meta.nbytes
-    if total > MAX_PAYLOAD_BYTES:
-        raise PayloadError(f"payload of {total} bytes exceeds {MAX_PAYLOAD_BYTES}")
+        if total > max_bytes:
+            raise PayloadError(
+                f"payload declares at least {total} bytes; this receiver takes at most {max_bytes}"
+            )
 
 
-async def read_header(chunks: AsyncIterator[pb.WorkChunk]) -> pb.WorkHeader:
-    """The first message of a Submit stream, which must be a valid WorkHeader."""
+async def read_header(
+    chunks: AsyncIterator[pb.WorkChunk], max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+) -> pb.WorkHeader:
+    """The first message of a Submit stream, which must be a valid WorkHeader
+    declaring at most ``max_bytes`` of tensors."""
     try:
         first = await chunks.__anext__()
     except StopAsyncIteration:
         raise PayloadError("stream ended before a WorkHeader") from None
+    if isinstance(first, MalformedChunk):
+        raise PayloadError(f"the first message is not a WorkChunk: {first.error}")
     if first.WhichOneof("kind") != "header":
         raise PayloadError("stream must start with a WorkHeader")
-    validate_header(first.header)
+    validate_header(first.header, max_bytes)
     return first.header
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import grpc
 
@@ -14,6 +15,7 @@ from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.runtime.aio import cancel_all, raise_if_cancelled
 from disagfusion.worker.runtime.dispatch import InstanceLoad, choose_instance
+from disagfusion.worker.security import tls as security
 from disagfusion.worker.transport.base import Peer
 from disagfusion.worker.transport.inline_wire import submit_method
 from disagfusion.worker.transport.wire import peer_from_health
@@ -55,15 +57,18 @@ SERVER_OPTIONS = [
 
 
 class ChannelCache:
-    """One gRPC channel per address, shared by every sender in the process."""
+    """One gRPC channel per address, shared by every sender in the process; mTLS
+    when the process (or `tls`) has a certificate."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: security.TlsConfig | Literal["process"] | None = "process") -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # "process": the TLS the process was configured with (security.configure).
+        self.tls = security.configured() if isinstance(tls, str) else tls
 
     def stub(self, address: str) -> pb_grpc.StageStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = security.open_channel(address, self.tls, CHANNEL_OPTIONS)
             self._channels[address] = channel
         stub = pb_grpc.StageStub(channel)
         stub.Submit = submit_method(channel)  # inline bytes without protobuf copies

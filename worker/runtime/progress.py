@@ -53,6 +53,10 @@ class ProgressReporter:
     def cancelled(self, request_id: str) -> bool:
         return request_id in self._cancelled
 
+    def cancel(self, request_id: str) -> None:
+        """The gateway cancelled it (Cancel): the next step report stops the call."""
+        self._cancelled.add(request_id)
+
     def forget(self, request_id: str) -> None:
         self._cancelled.discard(request_id)
 

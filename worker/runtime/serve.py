@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import grpc
 import torch
 from aiohttp import web
 
@@ -26,8 +27,11 @@ from disagfusion.worker.runtime.batching import (
     Request,
     Tensors,
 )
+from disagfusion.worker.runtime.peers import SERVER_OPTIONS
 from disagfusion.worker.runtime.sender import HandoffDelay
-from disagfusion.worker.runtime.stage import RuntimeConfig, StageRuntime, start_grpc_server
+from disagfusion.worker.runtime.stage import RuntimeConfig, StageRuntime
+from disagfusion.worker.security import tls as security
+from disagfusion.worker.transport.inline_wire import add_stage_servicer
 
 if TYPE_CHECKING:
     from disagfusion.worker.models.stages import StageModel
@@ -58,6 +62,7 @@ class WorkerOptions:
     batch_wait_s: float = 0.0
     queue_order: str = "fifo"
     slowdown: float = 1.0  # emulated slower accelerator
+    tls: security.TlsConfig | None = None  # mTLS on the Stage port and to every peer
 
 
 class StageCompute:
@@ -136,10 +141,22 @@ def encode_videos(videos: torch.Tensor, params: GenerationParams) -> dict[str, t
 async def run_worker(
     opts: WorkerOptions, compute_factory: Callable[[], BatchCompute | ComputeFn] | None = None
 ) -> int:
-    from disagfusion.worker.models import StageInputError
-
+    security.check_data_plane(opts.transport, opts.tls)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    # Before the runtime exists: it makes its channels to peers with the process's TLS.
+    security.configure(opts.tls)
+    try:
+        return await _run(opts, compute_factory)
+    finally:
+        security.configure(None)
+
+
+async def _run(
+    opts: WorkerOptions, compute_factory: Callable[[], BatchCompute | ComputeFn] | None
+) -> int:
+    from disagfusion.worker.models import StageInputError
+
     runtime = StageRuntime(
         RuntimeConfig(
             role=opts.role,
@@ -160,7 +177,7 @@ async def run_worker(
         ),
         input_error=StageInputError,
     )
-    server = await start_grpc_server(runtime, opts.host, opts.port)
+    server = await start_stage_server(runtime, opts.host, opts.port, opts.tls)
     app = web.Application()
     add_probe_routes(
         app,
@@ -194,3 +211,18 @@ async def run_worker(
     await runtime.stop()
     await runner.cleanup()
     return code
+
+
+async def start_stage_server(
+    servicer: StageRuntime, host: str, port: int, tls: security.TlsConfig | None
+) -> grpc.aio.Server:
+    """The Stage service on host:port; with `tls`, only clients holding a certificate
+    of the pipeline's CA complete the handshake."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    add_stage_servicer(servicer, server)
+    if security.add_port(server, f"{host}:{port}", tls) == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    if tls is not None:
+        log.info("Stage service on %s:%d requires mTLS (client certificates)", host, port)
+    return server

@@ -40,6 +40,7 @@ from disagfusion.worker.runtime.batching import (
     as_batch_compute,
 )
 from disagfusion.worker.runtime.payload import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
     Payload,
     PayloadError,
     payload_from,
@@ -48,6 +49,7 @@ from disagfusion.worker.runtime.payload import (
 from disagfusion.worker.runtime.peers import ChannelCache, PeerPool
 from disagfusion.worker.runtime.progress import ProgressReporter
 from disagfusion.worker.runtime.sender import DeliveryFailed, HandoffDelay, Sender
+from disagfusion.worker.runtime.senders import upstream_of
 from disagfusion.worker.transport.base import DescriptorError, NotAccepted, TransferError
 from disagfusion.worker.transport.inline_wire import add_stage_servicer
 from disagfusion.worker.transport.wire import Transports, accept, fetch_tensors
@@ -80,6 +82,8 @@ class RuntimeConfig:
     # Emulated slower accelerator (tests, local runs): every call takes this many
     # times its compute time; the stage is held busy meanwhile, as on a slow device.
     slowdown: float = 1.0
+    # A payload declaring more tensor bytes is refused before anything is allocated.
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
 
     @property
     def terminal(self) -> bool:
@@ -94,6 +98,7 @@ class _Entry:
     received_at: float
     queued: bool = True
     abandoned: bool = False  # its bytes never fully arrived
+    cancelled: bool = False  # the gateway no longer wants it (Cancel)
 
 
 __all__ = ["ComputeFn", "RuntimeConfig", "StageRuntime", "start_grpc_server"]
@@ -268,18 +273,40 @@ class StageRuntime(pb_grpc.StageServicer):
         )
         return self.transports.advertise(reply)
 
+    async def Cancel(self, request: pb.CancelRequest, context: object) -> pb.CancelReply:
+        """The gateway gave up on a request: drop it from the queue, stop computing it at
+        the next step, and skip it should it arrive later (acknowledged, not computed)."""
+        rid = request.request_id
+        entry = self._entries.get(rid)
+        self._remember_finished(rid)
+        if entry is None:
+            return pb.CancelReply(held=False)
+        entry.cancelled = True
+        if entry.queued and self._inbox.remove(entry):
+            entry.queued = False
+            self._drop(entry, "cancelled while queued")
+        elif self._progress is not None:
+            self._progress.cancel(rid)  # computing: the step callback stops it
+        return pb.CancelReply(held=True)
+
     async def Submit(
         self, request_iterator: AsyncIterator[pb.WorkChunk], context: object
     ) -> AsyncIterator[pb.Ack]:
         started = time.perf_counter()
         stream = request_iterator.__aiter__()
         try:
-            header = await read_header(stream)
+            header = await read_header(stream, self.config.max_payload_bytes)
         except PayloadError as err:
             self.metrics.reject("invalid")
             yield self._ack("", pb.Ack.REJECTED, f"invalid payload: {err}")
             return
         rid = header.request_id
+        upstream = upstream_of(self.config.role)
+        if header.source_stage != upstream:
+            self.metrics.reject("sender")
+            reason = f"{self.config.role} takes work only from {upstream}"
+            yield self._ack(rid, pb.Ack.REJECTED, f"{reason}, not {header.source_stage!r}")
+            return
         if rid in self._finished:
             self.metrics.duplicates.inc()
             yield self._ack(rid, pb.Ack.RECEIVED)
@@ -387,6 +414,9 @@ class StageRuntime(pb_grpc.StageServicer):
             self._refresh_gauges()
             live = []
             for entry in batch:
+                if entry.cancelled:  # cancelled while its bytes were still arriving
+                    self._drop(entry, "cancelled before it started")
+                    continue
                 if entry.payload.deadline_unix and self._clock() > entry.payload.deadline_unix:
                     await self._fail(
                         entry, 504, f"deadline passed before {self.config.role} started"
@@ -432,14 +462,12 @@ class StageRuntime(pb_grpc.StageServicer):
         share = elapsed / len(batch)
         for entry, outcome in zip(batch, outcomes, strict=True):
             rid = entry.payload.request_id
-            cancelled = progress.cancelled(rid)
+            cancelled = progress.cancelled(rid) or entry.cancelled
             progress.forget(rid)
             if cancelled or isinstance(outcome, RequestCancelled):
                 # Nobody waits for it: no result, no error; custody is released.
                 why = outcome if isinstance(outcome, Exception) else "cancelled during its batch"
-                log.info("%s dropped %s: %s", self.config.role, rid, why)
-                self.metrics.fail("cancelled")
-                self._release(entry)
+                self._drop(entry, str(why))
                 continue
             if isinstance(outcome, self._input_error):
                 await self._fail(entry, 400, f"{self.config.role}: {outcome}")
@@ -467,6 +495,9 @@ class StageRuntime(pb_grpc.StageServicer):
             await self._forward(entry, out)
 
     async def _forward(self, entry: _Entry, out: Payload) -> None:
+        if entry.cancelled:
+            self._drop(entry, "cancelled before its hand-off")
+            return
         sender = self._reply_sender if self.config.terminal else self._sender
         try:
             await sender.hand_off(out)
@@ -494,11 +525,20 @@ class StageRuntime(pb_grpc.StageServicer):
         except DeliveryFailed as failure:
             log.error("could not report failure of %s: %s", payload.request_id, failure)
 
+    def _drop(self, entry: _Entry, why: str) -> None:
+        """Nobody waits for it: no result, no error; custody is released."""
+        log.info("%s dropped %s: %s", self.config.role, entry.payload.request_id, why)
+        self.metrics.fail("cancelled")
+        self._release(entry)
+
     def _release(self, entry: _Entry) -> None:
         rid = entry.payload.request_id
         if not entry.released.done():
             entry.released.set_result(None)
         self._forget(rid)
+        self._remember_finished(rid)
+
+    def _remember_finished(self, rid: str) -> None:
         self._finished[rid] = None
         while len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)

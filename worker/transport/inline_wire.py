@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from disagfusion.proto import disagfusion_pb2 as pb
 
@@ -49,11 +50,24 @@ class InlineChunk:
         return b"".join((_DATA_TAG, _varint(len(self.data)), self.data))
 
 
+class MalformedChunk:
+    """A Submit message that does not parse as a WorkChunk: the receiver rejects
+    the payload naming ``error`` (instead of gRPC failing the call as INTERNAL)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def WhichOneof(self, _: str) -> str:
+        return "malformed"
+
+
 def serialize_chunk(message: Any) -> bytes:
     return bytes(message.SerializeToString())
 
 
-def parse_chunk(raw: bytes) -> pb.WorkChunk | InlineChunk:
+def parse_chunk(raw: bytes) -> pb.WorkChunk | InlineChunk | MalformedChunk:
     """A data message as a view of `raw` (no copy); anything else through protobuf."""
     if raw[:1] == _DATA_TAG:
         length, start = 0, 1
@@ -67,7 +81,10 @@ def parse_chunk(raw: bytes) -> pb.WorkChunk | InlineChunk:
                 if start + length == len(raw):
                     return InlineChunk(memoryview(raw)[start:])
                 break
-    return pb.WorkChunk.FromString(raw)
+    try:
+        return pb.WorkChunk.FromString(raw)
+    except DecodeError as err:
+        return MalformedChunk(f"{err or 'undecodable protobuf'} ({len(raw)} bytes)")
 
 
 def submit_method(channel: grpc.aio.Channel) -> Any:
@@ -94,6 +111,11 @@ def add_stage_servicer(servicer: Any, server: grpc.aio.Server) -> None:
             servicer.Progress,
             request_deserializer=pb.ProgressReport.FromString,
             response_serializer=pb.ProgressReply.SerializeToString,
+        ),
+        "Cancel": grpc.unary_unary_rpc_method_handler(
+            servicer.Cancel,
+            request_deserializer=pb.CancelRequest.FromString,
+            response_serializer=pb.CancelReply.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers(

@@ -14,7 +14,7 @@ import torch
 from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.worker.transport import open_backend
 from disagfusion.worker.transport.base import Backend, DescriptorError, NotAccepted, Outgoing, Peer
-from disagfusion.worker.transport.inline_wire import InlineChunk
+from disagfusion.worker.transport.inline_wire import InlineChunk, MalformedChunk
 
 
 class Transports:
@@ -97,8 +97,13 @@ def peer_from_health(address: str, reply: pb.HealthReply) -> Peer:
 async def inline_data(stream: AsyncIterator[pb.WorkChunk]) -> AsyncIterator[bytes]:
     """The data chunks that follow a header on a Submit stream."""
     async for msg in stream:
-        if msg.WhichOneof("kind") != "data":
-            raise DescriptorError("a second header arrived inside a payload")
+        kind = msg.WhichOneof("kind")
+        if kind != "data":
+            if isinstance(msg, MalformedChunk):
+                raise DescriptorError(f"a message in the payload is not a WorkChunk: {msg.error}")
+            if kind == "header":
+                raise DescriptorError("a second header arrived inside a payload")
+            raise DescriptorError("an empty WorkChunk (neither header nor data) inside a payload")
         yield msg.data
 
 
@@ -107,7 +112,14 @@ async def fetch_tensors(
     header: pb.WorkHeader,
     stream: AsyncIterator[pb.WorkChunk],
 ) -> dict[str, torch.Tensor]:
-    return await backend.fetch(header.request_id, header.tensors, inline_data(stream))
+    """The header's tensors; DescriptorError when the stream does not end where its
+    header says (every sender half-closes after its inline bytes)."""
+    data = inline_data(stream)
+    tensors = await backend.fetch(header.request_id, header.tensors, data)
+    async for _ in data:
+        announced = sum(m.nbytes for m in header.tensors if m.location == pb.INLINE)
+        raise DescriptorError(f"stream sent data after the {announced} bytes announced")
+    return tensors
 
 
 def accept(transports: Transports, header: pb.WorkHeader) -> Backend:

@@ -1,0 +1,1 @@
+"""Transport security of the data plane: mTLS between the gateway and the stages."""
