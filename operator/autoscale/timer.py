@@ -84,7 +84,9 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid") or "")
     try:
-        spec = parse_spec(body.get("spec"))
+        # Parsed as reconcile parses it: the StatefulSets applied here must render the
+        # same image (the operator's default for pipelines without spec.image).
+        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
     except SpecError:
         return "invalid"  # reconcile reports it
     with ctx.lock(uid):

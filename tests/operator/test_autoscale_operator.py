@@ -29,6 +29,7 @@ from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusErro
 from disagfusion.operator.context import Context
 from disagfusion.operator.handlers import build_registry
 from disagfusion.operator.kube import Kube
+from disagfusion.operator.spec import DEFAULT_IMAGE
 from disagfusion.scheduling.profile import Profile
 from disagfusion.scheduling.scaling import (
     Decision,
@@ -49,6 +50,7 @@ from tests.operator.emulator import (
     WAIT_S,
     Cluster,
     condition,
+    container,
     eventually,
     pipeline,
 )
@@ -155,10 +157,13 @@ async def operator(
     timer_interval: float = 0.3,
     prometheus_url: str | None = None,
     policy: Policy | None = QUEUE_POLICY,
+    worker_image: str = DEFAULT_IMAGE,
 ) -> AsyncIterator[Context]:
     """Like Cluster.operator, with the autoscaler's collaborators in the Context.
 
-    `policy` None: the production default (HybridPolicy).
+    `policy` None: the production default (HybridPolicy). `worker_image`: the
+    operator's image for pipelines without spec.image (the chart's
+    DISAGFUSION_WORKER_IMAGE).
     """
     registry = build_registry(timer_interval=timer_interval, autoscale_tick=0.1)
 
@@ -175,6 +180,7 @@ async def operator(
         prometheus_url=prometheus_url,
         rate_window=WINDOW,
         prometheus_timeout_s=2,
+        worker_image=worker_image,
     )
     env = contextlib.ExitStack()
     env.enter_context(kubeconfig_env(cluster.url))  # kopf logs in as in production
@@ -313,6 +319,36 @@ async def test_active_scales_records_status_events_and_survives_drift(cluster: C
             # rewritten by a scale (nor is the gateway it would roll).
             assert cluster.writes(CM) == 1
             assert cluster.writes(DEPLOY) == 1
+
+
+async def test_a_scale_keeps_the_operators_worker_image(cluster: Cluster) -> None:
+    """The chart's DISAGFUSION_WORKER_IMAGE (pipelines without spec.image): the
+    autoscaler's StatefulSets render it as reconcile does, so the two never fight
+    over the image (each rewrite would roll every pod)."""
+    image = "registry.example/disagfusion-worker:9.9"
+    with FakePrometheus("sd").running() as prom:
+        async with operator(cluster, prometheus_url=prom.url, worker_image=image):
+            await cluster.create(autoscaled("sd", "Active", prom.url))
+            await eventually(lambda: replicas(cluster, "sd-denoiser") == 1)
+            prom.set_queue(denoiser=6)
+            await eventually(lambda: replicas(cluster, "sd-denoiser") == 3)
+            rounds = cluster.metrics.reconcile_total.labels(result="ok")._value.get()
+            await eventually(
+                lambda: (
+                    cluster.metrics.reconcile_total.labels(result="ok")._value.get() >= rounds + 3
+                )
+            )
+            sts = cluster.get(STS, "sd-denoiser") or {}
+            assert container(sts)["image"] == image
+            written = [
+                container(r.data)["image"]
+                for r in cluster.emulator._requests
+                if r.resource == STS
+                and r.method in ("POST", "PATCH", "PUT")
+                and isinstance(r.data, dict)
+                and (r.data.get("spec") or {}).get("template")
+            ]
+            assert written and set(written) == {image}, written  # never another image
 
 
 async def test_advisory_reports_but_never_patches_replicas(cluster: Cluster) -> None:
