@@ -86,7 +86,7 @@ class HybridPoolsPolicy(PolicyBase):
             for s in STAGES
         }
         throughput = min(
-            sum(n / _seconds(profile, s, a, mix) for a, n in moves.sizes[s].items()) for s in STAGES
+            sum(_rate(profile, s, a, mix) * n for a, n in moves.sizes[s].items()) for s in STAGES
         )
         return Decision(stages=out, state=decided.state, predicted_throughput_rps=throughput)
 
@@ -217,10 +217,12 @@ def _uncounted(profile: Profile) -> Profile:
     return replace(profile, accelerators=accs, default_gpus=None)
 
 
-def _seconds(profile: Profile, stage: str, acc: str, mix: Mix) -> float:
-    """Batch-1 mean seconds of `stage` on `acc` over the mix."""
+def _rate(profile: Profile, stage: str, acc: str, mix: Mix) -> float:
+    """Requests/s one instance of `stage` on `acc` completes over the mix, batch 1
+    (inf for a stage that costs nothing)."""
     total = sum(w for _, w in mix) or 1.0
-    return sum(w * profile.service_time(stage, acc, shape) for shape, w in mix) / total
+    seconds = sum(w * profile.service_time(stage, acc, shape) for shape, w in mix) / total
+    return 1.0 / seconds if seconds > 0 else math.inf
 
 
 def _stage_decision(

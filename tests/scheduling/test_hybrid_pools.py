@@ -140,8 +140,39 @@ def test_which_types_fit_the_slo() -> None:
     mix = ((MIXED.default_request, 1.0),)
     current = {"encoder": {"L40S": 1}, "denoiser": {"H100": 1}, "decoder": {"L40S": 1}}
     at60 = {t.accelerator: t.fits_slo for t in pool_types(MIXED, mix, "60s", current)["denoiser"]}
-    at120 = {
-        t.accelerator: t.fits_slo for t in pool_types(MIXED, mix, "120s", current)["denoiser"]
-    }
+    at120 = {t.accelerator: t.fits_slo for t in pool_types(MIXED, mix, "120s", current)["denoiser"]}
     assert at60 == {"H100": True, "L40S": False}
     assert at120 == {"H100": True, "L40S": True}
+
+
+def test_a_stage_that_costs_nothing_does_not_break_the_decision() -> None:
+    from disagfusion.scheduling.profile import parse_profile
+
+    free = {"a": 0.0, "memory_gb": 1}
+    profile = parse_profile(
+        {
+            "name": "free-encoder",
+            "accelerators": [
+                {"name": "F", "cost_per_hour": 1.0, "memory_gb": 80},
+                {"name": "S", "cost_per_hour": 0.5, "memory_gb": 80},
+            ],
+            "default_request": {"width": 64, "height": 64, "frames": 1, "steps": 1},
+            "defaults": {"gpus": 8, "slo": "60s"},
+            "stages": {
+                "encoder": {"F": free, "S": free},
+                "denoiser": {"F": {"a": 1.0, "memory_gb": 1}, "S": {"a": 2.0, "memory_gb": 1}},
+                "decoder": {"F": {"a": 0.1, "memory_gb": 1}},
+            },
+        }
+    )
+    one = StageObservation(ready=1, starting=0, desired=1, queue_depth=0.0, pools={"F": 1})
+    snap = Snapshot(
+        now=1.0,
+        stages=dict.fromkeys(("encoder", "denoiser", "decoder"), one),
+        arrival_rps=2.0,
+        metrics_age_s=0.0,
+    )
+    policy = HybridPoolsPolicy()
+    d = policy.decide(snap, policy.initial_state(), profile, Knobs(max_gpus=8))
+    assert d.stages["denoiser"].replicas >= 2  # 2 req/s at 1 s each
+    assert d.predicted_throughput_rps is not None and d.predicted_throughput_rps >= 2.0
