@@ -23,7 +23,7 @@ from dataclasses import replace
 from disagfusion.scheduling.budget import NO_BUDGET
 from disagfusion.scheduling.hybrid import HybridPolicy, HybridState, hold_reason
 from disagfusion.scheduling.pool_moves import PoolType, StageTarget, allocate, capacity
-from disagfusion.scheduling.pools import StageOption, stage_options
+from disagfusion.scheduling.pools import StageOption, mean_time, stage_options
 from disagfusion.scheduling.pools_rate import wait_budgets
 from disagfusion.scheduling.profile import Profile, RequestShape
 from disagfusion.scheduling.scaling import (
@@ -220,8 +220,7 @@ def _uncounted(profile: Profile) -> Profile:
 def _rate(profile: Profile, stage: str, acc: str, mix: Mix) -> float:
     """Requests/s one instance of `stage` on `acc` completes over the mix, batch 1
     (inf for a stage that costs nothing)."""
-    total = sum(w for _, w in mix) or 1.0
-    seconds = sum(w * profile.service_time(stage, acc, shape) for shape, w in mix) / total
+    seconds = mean_time(profile, stage, acc, mix)
     return 1.0 / seconds if seconds > 0 else math.inf
 
 
