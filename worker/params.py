@@ -7,12 +7,15 @@ from typing import Literal
 
 from disagfusion.scheduling.stages import STAGES
 
-__all__ = ["ROLES", "SEED_SPACE", "STAGES", "GenerationParams", "WorkerRole"]
+__all__ = ["DEFAULT_MAX_IMAGES", "ROLES", "SEED_SPACE", "STAGES", "GenerationParams", "WorkerRole"]
 
 SEED_SPACE = 2**63  # seeds are 0..2**63-1 (a signed 64-bit proto/torch field)
 # A worker may also run the whole pipeline: the monolithic baseline.
 WorkerRole = Literal["encoder", "denoiser", "decoder", "monolithic"]
 ROLES: tuple[WorkerRole, ...] = ("encoder", "denoiser", "decoder", "monolithic")
+# The largest n of one request: the gateway admits no more, and a stage sizes the
+# largest payload it accepts by it.
+DEFAULT_MAX_IMAGES = 4
 
 
 @dataclass(frozen=True)

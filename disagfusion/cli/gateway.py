@@ -27,7 +27,7 @@ from disagfusion.cli.common import (
 )
 from disagfusion.cli.worker import add_tls_args, tls_settings
 from disagfusion.worker.gateway.limits import add_limit_arguments, limits_from_args
-from disagfusion.worker.params import STAGES
+from disagfusion.worker.params import DEFAULT_MAX_IMAGES, STAGES
 
 
 def register(sub: Any) -> None:
@@ -74,7 +74,12 @@ def register(sub: Any) -> None:
         default=300.0,
         help="seconds before an accepted request is answered 504",
     )
-    g.add_argument("--max-images", type=positive_int, default=4, help="largest n in one request")
+    g.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGES,
+        help="largest n in one request (the stage workers' --max-images must be as large)",
+    )
     g.add_argument(
         "--drain-timeout",
         type=non_negative_float,

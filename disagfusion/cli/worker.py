@@ -20,7 +20,7 @@ from disagfusion.cli.common import (
     require_extra,
     transport_settings,
 )
-from disagfusion.worker.params import ROLES
+from disagfusion.worker.params import DEFAULT_MAX_IMAGES, ROLES
 
 if TYPE_CHECKING:
     from disagfusion.worker.security.tls import TlsConfig
@@ -67,6 +67,13 @@ def register(sub: Any) -> None:
         help="seconds a SIGTERMed worker may spend finishing what it holds",
     )
     add_batching_args(w)
+    w.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGES,
+        help="the gateway's --max-images: a payload declaring more bytes than a request of"
+        " this many images at the model's largest size can need is refused unread",
+    )
     w.add_argument(
         "--slowdown",
         type=_factor,
@@ -151,6 +158,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         batch_wait_s=args.batch_wait_ms / 1e3,
         queue_order=args.queue_order,
         slowdown=args.slowdown,
+        max_images=args.max_images,
         tls=tls,
     )
     if opts.role in ("encoder", "denoiser") and not opts.next_addrs:

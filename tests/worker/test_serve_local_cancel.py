@@ -64,8 +64,10 @@ def test_clients_that_hang_up_free_the_stages_at_once(tmp_path: Path) -> None:
             hang_ups = [pool.submit(post, serve.url, LONG, 3.0) for _ in range(3)]
             wait_until(
                 "the denoiser holds the three requests",
-                lambda: metric(denoiser, "disagfusion_stage_in_flight") >= 3
-                or metric(denoiser, "disagfusion_stage_queue_depth") >= 1,
+                lambda: (
+                    metric(denoiser, "disagfusion_stage_in_flight") >= 3
+                    or metric(denoiser, "disagfusion_stage_queue_depth") >= 1
+                ),
                 60,
             )
             for f in hang_ups:
@@ -74,8 +76,10 @@ def test_clients_that_hang_up_free_the_stages_at_once(tmp_path: Path) -> None:
         gone = time.monotonic()
         wait_until(
             "the denoiser holds nothing",
-            lambda: metric(denoiser, "disagfusion_stage_in_flight") == 0
-            and metric(denoiser, "disagfusion_stage_queue_depth") == 0,
+            lambda: (
+                metric(denoiser, "disagfusion_stage_in_flight") == 0
+                and metric(denoiser, "disagfusion_stage_queue_depth") == 0
+            ),
             30,
         )
         freed = time.monotonic() - gone

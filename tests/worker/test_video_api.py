@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from disagfusion.worker.gateway.api import MAX_SEED, ApiError
 from disagfusion.worker.gateway.jobs import Job
@@ -17,6 +19,7 @@ from disagfusion.worker.gateway.video_api import (
     parse_video_request,
     video_object,
 )
+from disagfusion.worker.models.families.base import MAX_REFERENCE_SIDE
 
 LIMITS = VideoLimits(
     served_model="wan-tiny",
@@ -312,18 +315,33 @@ def test_unknown_model_names_what_is_served() -> None:
 # -------------------------------------------------------------------- reference images
 
 
+def _encoded(fmt: str, size: tuple[int, int] = (8, 6)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(out, format=fmt)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_reference_images_accepted(fmt: str) -> None:
+    check_reference_image(_encoded(fmt))
+    check_reference_image(_encoded(fmt, (MAX_REFERENCE_SIDE, 2)))
+
+
 @pytest.mark.parametrize(
-    "data", [b"\x89PNG\r\n\x1a\n....", b"\xff\xd8\xff\xe0JFIF", b"RIFF\x10\x00\x00\x00WEBPVP8 "]
+    "data",
+    [b"", b"GIF89a...", b"hello", b"RIFF\x00\x00\x00\x00WAVE", b"\x89PNG\r\n\x1a\n...."],
 )
-def test_reference_images_accepted(data: bytes) -> None:
-    check_reference_image(data)
-
-
-@pytest.mark.parametrize("data", [b"", b"GIF89a...", b"hello", b"RIFF\x00\x00\x00\x00WAVE"])
 def test_reference_images_refused(data: bytes) -> None:
     with pytest.raises(ApiError) as info:
         check_reference_image(data)
     assert (info.value.status, info.value.param) == (400, "input_reference")
+
+
+def test_a_reference_image_over_the_stages_bound_is_refused_from_its_header() -> None:
+    with pytest.raises(ApiError) as info:
+        check_reference_image(_encoded("PNG", (2, MAX_REFERENCE_SIDE + 1)))
+    assert (info.value.status, info.value.param) == (400, "input_reference")
+    assert f"the image is 2x{MAX_REFERENCE_SIDE + 1}" in info.value.message
 
 
 # ------------------------------------------------------------------------ video object

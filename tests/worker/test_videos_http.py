@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from disagfusion.worker.gateway.jobs import Job, JobFailed, JobManager, VideoOutput
 from disagfusion.worker.gateway.jobstore import SqliteJobStore
@@ -23,6 +25,7 @@ from disagfusion.worker.gateway.videos_http import (
     add_video_routes,
     bearer_auth,
 )
+from disagfusion.worker.models.families.base import MAX_REFERENCE_SIDE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,7 +42,15 @@ LIMITS = VideoLimits(
     max_frames=81,
     default_fps=16,
 )
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size).save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = _png((8, 8))  # a real image: the gateway reads its header
 MP4 = b"\x00\x00\x00\x18ftypmp42fake-mp4"
 THUMB = b"\x89PNG\r\n\x1a\nthumbnail"
 
@@ -335,6 +346,15 @@ async def test_a_reference_over_the_body_limit_is_a_json_413(tmp_path: Path) -> 
         assert info.value.status_code == 413
         assert "1048576 bytes" in info.value.message
         assert s.runner.jobs == []
+
+
+async def test_a_reference_larger_than_a_stage_takes_is_a_400(served: Served) -> None:
+    wide = _png((MAX_REFERENCE_SIDE + 1, 1))
+    with pytest.raises(openai.BadRequestError) as info:
+        await served.client.videos.create(prompt="a cat", input_reference=("wide.png", wide))
+    assert info.value.param == "input_reference"
+    assert f"{MAX_REFERENCE_SIDE + 1}x1" in info.value.message
+    assert served.runner.jobs == []
 
 
 async def test_a_json_body_for_curl_users(served: Served) -> None:

@@ -32,6 +32,7 @@ from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.api import RequestLimits
 from disagfusion.worker.gateway.limits import GatewayLimits
 from disagfusion.worker.gateway.service import Gateway, GatewayConfig, GatewayGrpc, build_http_app
+from disagfusion.worker.params import DEFAULT_MAX_IMAGES
 from disagfusion.worker.probes import start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
 from disagfusion.worker.runtime.peers import SERVER_OPTIONS
@@ -62,7 +63,7 @@ class GatewayOptions:
     request_timeout_s: float = 300.0
     api_key: str | None = None
     handoff_delay: HandoffDelay = field(default_factory=HandoffDelay)
-    max_images: int = 4
+    max_images: int = DEFAULT_MAX_IMAGES
     served_model_name: str | None = None
     drain_timeout_s: float = 60.0
     family: str = "auto"
@@ -85,7 +86,10 @@ class GatewayOptions:
 
 
 def limits_for(
-    model: str, max_images: int = 4, served_name: str | None = None, family: str = "auto"
+    model: str,
+    max_images: int = DEFAULT_MAX_IMAGES,
+    served_name: str | None = None,
+    family: str = "auto",
 ) -> tuple[str, RequestLimits]:
     """The public model id and the request limits; `model` (the source string as
     given) and the display name are accepted as aliases of the id."""

@@ -26,6 +26,7 @@ from disagfusion.worker.gateway.api import (
     random_seed,
     steps_and_guidance_problems,
 )
+from disagfusion.worker.models.families.base import MAX_REFERENCE_SIDE
 
 if TYPE_CHECKING:
     from disagfusion.worker.gateway.jobs import Job
@@ -431,7 +432,9 @@ _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 def check_reference_image(data: bytes) -> None:
-    """An ``input_reference`` must be a PNG, JPEG or WebP image (by its magic bytes)."""
+    """An ``input_reference`` must be a PNG, JPEG or WebP image (by its magic bytes)
+    of at most MAX_REFERENCE_SIDE pixels a side (read from its header: nothing is
+    decoded here), the most a stage takes."""
     if not data:
         raise _bad(
             "input_reference", "Invalid 'input_reference': the file is empty.", "invalid_value"
@@ -443,6 +446,31 @@ def check_reference_image(data: bytes) -> None:
             "Invalid 'input_reference': expected a PNG, JPEG or WebP image.",
             "invalid_value",
         )
+    width, height = _image_size(data)
+    if max(width, height) > MAX_REFERENCE_SIDE:
+        raise _bad(
+            "input_reference",
+            f"Invalid 'input_reference': the image is {width}x{height}; "
+            f"at most {MAX_REFERENCE_SIDE} pixels a side are accepted.",
+            "invalid_value",
+        )
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            return int(width), int(height)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise _bad(
+            "input_reference",
+            "Invalid 'input_reference': the image header cannot be read.",
+            "invalid_value",
+        ) from None
 
 
 def video_object(job: Job) -> dict[str, Any]:

@@ -149,6 +149,35 @@ class StageModel:
     ) -> dict[str, torch.Tensor]:
         return self._compute(params, self._prepare(params, inputs))
 
+    def max_input_bytes(self, max_images: int) -> int:
+        """The most tensor bytes one request's inputs can take: those of the
+        largest request this model serves (its largest size and clip, up to
+        `max_images` images, with guidance), free dimensions at the family's
+        bound, elements at their widest. A receiver refuses a payload
+        declaring more before allocating anything."""
+        info = self.info
+        side = info.max_size - info.max_size % info.size_multiple
+        frames = info.max_frames
+        if info.frame_step:
+            frames = 1 + (frames - 1) // info.frame_step * info.frame_step
+        largest = GenerationParams(
+            prompt="",
+            negative_prompt="-" if self.family.negative_prompt else "",
+            width=side,
+            height=side,
+            num_images=max_images,
+            num_frames=frames,
+            guidance_scale=7.5,
+        )
+        return max(
+            sum(self._spec_bytes(name, spec) for name, spec in self._expected_inputs(p).items())
+            for p in (largest, replace(largest, guidance_scale=1.0, negative_prompt=""))
+        )
+
+    def _spec_bytes(self, name: str, spec: TensorSpec) -> int:
+        dims = (self.family.max_free_dim(name) if d is None else d for d in spec.shape)
+        return math.prod(dims) * spec.max_itemsize
+
     # --- batching ---------------------------------------------------------
 
     def default_max_batch(self) -> int:

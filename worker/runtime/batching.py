@@ -59,5 +59,12 @@ class OneByOne:
         return 1
 
 
+def input_bound(compute: object) -> int | None:
+    """The model's own bound on the tensor bytes of one request's inputs, where the
+    compute knows one (a loaded stage model does: `max_input_bytes`)."""
+    bound = getattr(compute, "max_input_bytes", None)
+    return int(bound()) if callable(bound) else None
+
+
 def as_batch_compute(compute: BatchCompute | ComputeFn) -> BatchCompute:
     return compute if isinstance(compute, BatchCompute) else OneByOne(compute)

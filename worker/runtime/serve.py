@@ -17,7 +17,7 @@ import grpc
 import torch
 from aiohttp import web
 
-from disagfusion.worker.params import GenerationParams, WorkerRole
+from disagfusion.worker.params import DEFAULT_MAX_IMAGES, GenerationParams, WorkerRole
 from disagfusion.worker.probes import add_probe_routes, start_site
 from disagfusion.worker.runtime.aio import wait_for_signal
 from disagfusion.worker.runtime.batching import (
@@ -62,6 +62,7 @@ class WorkerOptions:
     batch_wait_s: float = 0.0
     queue_order: str = "fifo"
     slowdown: float = 1.0  # emulated slower accelerator
+    max_images: int = DEFAULT_MAX_IMAGES  # the gateway's largest n: bounds payloads
     tls: security.TlsConfig | None = None  # mTLS on the Stage port and to every peer
 
 
@@ -69,8 +70,9 @@ class StageCompute:
     """A loaded stage as the runtime runs it: batched calls, and on the last hop
     each request's images encoded as PNG (or its video as MP4) after the split."""
 
-    def __init__(self, stage: StageModel) -> None:
+    def __init__(self, stage: StageModel, max_images: int = DEFAULT_MAX_IMAGES) -> None:
         self.stage = stage
+        self.max_images = max_images
         self._encodes = stage.role in ("decoder", "monolithic")
 
     def run_batch(self, requests: Sequence[Request]) -> list[Outcome]:
@@ -98,6 +100,9 @@ class StageCompute:
     def default_max_batch(self) -> int:
         return self.stage.default_max_batch()
 
+    def max_input_bytes(self) -> int:
+        return self.stage.max_input_bytes(self.max_images)
+
     def _finish(self, params: GenerationParams, out: Tensors) -> Tensors:
         if not self._encodes:
             return out
@@ -113,12 +118,18 @@ class StageCompute:
 
 
 def make_compute(
-    role: WorkerRole, model: str, device: str, dtype: str | None, family: str = "auto"
+    role: WorkerRole,
+    model: str,
+    device: str,
+    dtype: str | None,
+    family: str = "auto",
+    max_images: int = DEFAULT_MAX_IMAGES,
 ) -> StageCompute:
     """Load the stage's model; the last hop also encodes its images as PNG."""
     from disagfusion.worker.models import load_stage
 
-    return StageCompute(load_stage(role, model, device=device, dtype=dtype, family=family))
+    stage = load_stage(role, model, device=device, dtype=dtype, family=family)
+    return StageCompute(stage, max_images)
 
 
 def encode_videos(videos: torch.Tensor, params: GenerationParams) -> dict[str, torch.Tensor]:
@@ -190,7 +201,9 @@ async def _run(
     runner = await start_site(app, opts.host, opts.http_port)
     runtime.start()
     factory = compute_factory or (
-        lambda: make_compute(opts.role, opts.model, opts.device, opts.dtype, opts.family)
+        lambda: make_compute(
+            opts.role, opts.model, opts.device, opts.dtype, opts.family, opts.max_images
+        )
     )
     loading = asyncio.create_task(runtime.load(factory))
     signalled = asyncio.create_task(wait_for_signal())

@@ -38,6 +38,7 @@ from disagfusion.worker.runtime.batching import (
     ComputeFn,
     Outcome,
     as_batch_compute,
+    input_bound,
 )
 from disagfusion.worker.runtime.payload import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -121,6 +122,7 @@ class StageRuntime(pb_grpc.StageServicer):
         self._compute: BatchCompute | None = None
         self._max_batch = 1  # set when the model is loaded
         self._room = config.queue_capacity  # queued payloads before refusing: >= one batch
+        self.max_payload_bytes = config.max_payload_bytes  # tightened to the model's at load
         self._progress: ProgressReporter | None = None  # made on the loop, at the first request
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self._entries: dict[str, _Entry] = {}
@@ -192,6 +194,14 @@ class StageRuntime(pb_grpc.StageServicer):
         chosen = self.config.max_batch or self._compute.default_max_batch()
         self._max_batch = max(1, chosen) if self.config.overlap else 1
         self._room = max(self.config.queue_capacity, self._max_batch)
+        bound = input_bound(loaded)
+        if bound is not None:
+            self.max_payload_bytes = min(self.config.max_payload_bytes, bound)
+        log.info(
+            "%s takes payloads of at most %.1f MiB",
+            self.config.role,
+            self.max_payload_bytes / (1 << 20),
+        )
         self.metrics.max_batch.set(self._max_batch)
         self.metrics.queue_capacity.set(self._room)
         self._add_senders(self._outbox_capacity)
@@ -295,7 +305,7 @@ class StageRuntime(pb_grpc.StageServicer):
         started = time.perf_counter()
         stream = request_iterator.__aiter__()
         try:
-            header = await read_header(stream, self.config.max_payload_bytes)
+            header = await read_header(stream, self.max_payload_bytes)
         except PayloadError as err:
             self.metrics.reject("invalid")
             yield self._ack("", pb.Ack.REJECTED, f"invalid payload: {err}")

@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 ConfigReader = Callable[[str], Mapping[str, Any]]
 Shape = tuple[int | None, ...]  # None: any size (a sequence length)
 
+# The longest text sequence (tokens) any family's encoder sends: every pipeline
+# here truncates to 77 (CLIP), 333 (SD3) or 512 (T5, Qwen2.5-VL, umT5). A receiver
+# bounds what it accepts with it, so it may be generous but never short.
+MAX_SEQUENCE_TOKENS = 1024
+# The largest side (pixels) of an image-to-video reference image the gateway
+# forwards; the pipelines resize it to the requested size anyway.
+MAX_REFERENCE_SIDE = 4096
+
 
 @dataclass(frozen=True)
 class SizeRules:
@@ -43,6 +51,13 @@ class TensorSpec:
 
     shape: Shape
     floating: bool = True
+    # The widest element a sender uses (bytes), bounding what a receiver accepts:
+    # float32 embeddings and latents; int64 masks unless the family knows better.
+    itemsize: int = 0
+
+    @property
+    def max_itemsize(self) -> int:
+        return self.itemsize or (4 if self.floating else 8)
 
 
 class Family:
@@ -158,6 +173,11 @@ class Family:
     def embedding_specs(self, pipe: Any, params: GenerationParams) -> dict[str, TensorSpec]:
         """Name -> what the denoiser accepts, for this request."""
         raise NotImplementedError
+
+    def max_free_dim(self, tensor: str) -> int:
+        """The largest size a free (None) dimension of input `tensor` can take:
+        a token count, unless the family says otherwise."""
+        return MAX_SEQUENCE_TOKENS
 
     def check_embeddings(self, tensors: Mapping[str, torch.Tensor]) -> str | None:
         """A cross-tensor problem, or None. The pipelines concatenate negative and

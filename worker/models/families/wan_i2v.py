@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from disagfusion.worker.models.families.base import Family, SizeRules, TensorSpec
+from disagfusion.worker.models.families.base import (
+    MAX_REFERENCE_SIDE,
+    Family,
+    SizeRules,
+    TensorSpec,
+)
 from disagfusion.worker.models.families.wan import WanFamily
 from disagfusion.worker.params import GenerationParams
 
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
 REFERENCE = "reference_image"
+_REFERENCE_SPEC = TensorSpec((None, None, 3), floating=False, itemsize=1)  # uint8 RGB
 
 
 class WanI2VFamily(WanFamily):
@@ -63,7 +69,7 @@ class WanI2VFamily(WanFamily):
             pipe.check_inputs = check_inputs
 
     def encoder_specs(self, params: GenerationParams) -> dict[str, TensorSpec]:
-        return {REFERENCE: TensorSpec((None, None, 3), floating=False)}
+        return {REFERENCE: _REFERENCE_SPEC}
 
     def encode_inputs(
         self,
@@ -83,8 +89,11 @@ class WanI2VFamily(WanFamily):
         specs.pop("image_embeds", None)
         if self.image_encoder:
             specs["image_embeds"] = TensorSpec((1, None, pipe.transformer.config.image_dim))
-        specs[REFERENCE] = TensorSpec((None, None, 3), floating=False)
+        specs[REFERENCE] = _REFERENCE_SPEC
         return specs
+
+    def max_free_dim(self, tensor: str) -> int:
+        return MAX_REFERENCE_SIDE if tensor == REFERENCE else super().max_free_dim(tensor)
 
     def denoise(
         self,
