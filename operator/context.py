@@ -12,7 +12,7 @@ from typing import Any
 
 from disagfusion.operator.kube import Kube
 from disagfusion.operator.metrics import OperatorMetrics
-from disagfusion.operator.spec import DEFAULT_IMAGE
+from disagfusion.operator.spec import SpecDefaults
 from disagfusion.scheduling.scaling import Policy
 
 
@@ -28,7 +28,8 @@ class Context:
     metrics: OperatorMetrics
     policy: Policy | None = None  # None: HybridPolicy
     prometheus_url: str | None = None  # default for spec.autoscaling.prometheusUrl
-    worker_image: str = DEFAULT_IMAGE  # the image of pipelines without spec.image
+    # What a spec that does not say gets: the chart's worker image and network peers.
+    spec_defaults: SpecDefaults = field(default_factory=SpecDefaults)
     rate_window: str = "1m"  # PromQL range of the autoscaler's rates
     prometheus_timeout_s: float = 5.0
     clock: Callable[[], float] = time.time

@@ -62,10 +62,10 @@ from disagfusion.operator.render import (
     stage_pool_sizes,
 )
 from disagfusion.operator.spec import (
-    DEFAULT_IMAGE,
     STAGES,
     PipelineSpec,
     PoolSpec,
+    SpecDefaults,
     SpecError,
     parse_spec,
     spec_warnings,
@@ -111,7 +111,7 @@ def _reconcile_locked(ctx: Context, body: Mapping[str, Any], now: str, uid: str)
     status = ctx.known_status(uid, body)
     old_conditions = list(status.get("conditions") or [])
     try:
-        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
+        spec = parse_spec(body.get("spec"), ctx.spec_defaults)
     except SpecError as err:
         conditions = cond.apply_invalid(old_conditions, err.problems, now, generation)
         new_status = {**status, "observedGeneration": generation, "conditions": conditions}
@@ -247,7 +247,7 @@ def cleanup(ctx: Context, body: Mapping[str, Any]) -> list[str]:
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid") or "")
     try:
-        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
+        spec = parse_spec(body.get("spec"), ctx.spec_defaults)
     except SpecError:
         return []
     owner = Owner(
@@ -268,7 +268,7 @@ def build_registry(
     registry: kopf.OperatorRegistry | None = None,
     autoscale_tick: float = DEFAULT_AUTOSCALE_TICK_S,
     prometheus_url: str | None = None,
-    worker_image: str = DEFAULT_IMAGE,
+    spec_defaults: SpecDefaults | None = None,
 ) -> kopf.OperatorRegistry:
     """Register the handlers on a fresh registry (tests use several operators per process).
 
@@ -303,7 +303,7 @@ def build_registry(
                 kube=Kube.from_environment(),
                 metrics=default_metrics(),
                 prometheus_url=prometheus_url,
-                worker_image=worker_image,
+                spec_defaults=spec_defaults or SpecDefaults(),
             )
 
     def on_change(body: kopf.Body, memo: Any, **_: Any) -> None:

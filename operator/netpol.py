@@ -15,9 +15,11 @@ another `disagfusion.io/pipeline` label.
     denoiser  GRPC_PORT: the encoder's pods, and the gateway's: its readiness polls
     decoder   GRPC_PORT: the denoiser's pods,   every stage's Health over gRPC.
     stages    HTTP_PORT (/metrics, /healthz, /readyz): spec.networkPolicy.metricsFrom
-              only (Prometheus); none given, no pod. Kubelet probes come from the
-              pod's own node, which most CNIs (Calico, Cilium, Antrea) admit whatever
-              the policy; with one that does not, add the nodes' CIDR as an ipBlock.
+              (Prometheus; the chart's networkPolicy.metricsFrom when the spec has
+              none) and the chart's networkPolicy.probesFrom; none given, no pod.
+              Kubelet probes come from the pod's own node, which most CNIs (Calico,
+              Cilium, Antrea) admit whatever the policy; with one that does not, the
+              chart's probesFrom holds the nodes' CIDR as an ipBlock.
     torch, nixl  these transports move tensor bytes on ports they pick at run time
               (gloo/NCCL, UCX), in both directions: the pipeline's own pods are
               admitted on every port of every component.
@@ -87,8 +89,8 @@ def _ingress(pipeline: str, spec: PipelineSpec, component: str) -> list[dict[str
         index = STAGES.index(component)
         upstream = ["gateway"] if index == 0 else [STAGES[index - 1], "gateway"]
         rules = [{"from": [_pods_of(pipeline, c) for c in upstream], "ports": _tcp(GRPC_PORT)}]
-        if spec.network_policy.metrics_from:
-            rules.append({"from": list(spec.network_policy.metrics_from), "ports": _tcp(HTTP_PORT)})
+        if spec.network_policy.http_from:
+            rules.append({"from": spec.network_policy.http_from, "ports": _tcp(HTTP_PORT)})
     if spec.transport.backend in OPEN_PORT_TRANSPORTS:
         rules.append({"from": [{"podSelector": {"matchLabels": _pipeline_labels(pipeline)}}]})
     return rules

@@ -22,7 +22,7 @@ from disagfusion.scheduling.stages import STAGES
 
 # The worker image of a pipeline without spec.image when the operator is given none:
 # the chart's workerImage default (no registry publishes it; the README builds it).
-# The operator passes its own (DISAGFUSION_WORKER_IMAGE) as parse_spec's default_image.
+# The operator passes its own (DISAGFUSION_WORKER_IMAGE) in parse_spec's SpecDefaults.
 DEFAULT_IMAGE = f"disagfusion-worker:{__version__}"
 # spec.model.servedName: an OpenAI-style model id, short enough for logs and labels.
 MAX_SERVED_NAME = 128
@@ -253,10 +253,30 @@ class TransportSpec:
 class NetworkPolicySpec:
     """spec.networkPolicy: the operator renders a NetworkPolicy per component (netpol.py).
     `metrics_from`: the NetworkPolicyPeers admitted to the stage workers' HTTP port
-    (/metrics, /healthz, /readyz), e.g. Prometheus' namespace; none: nobody."""
+    (/metrics, /healthz, /readyz), e.g. Prometheus' namespace (the operator's default
+    when the spec has none); none: nobody. `probes_from`: the operator's, also admitted."""
 
     enabled: bool = True
     metrics_from: list[dict[str, Any]] = field(default_factory=list)
+    probes_from: list[dict[str, Any]] = field(default_factory=list)  # SpecDefaults'
+
+    @property
+    def http_from(self) -> list[dict[str, Any]]:
+        """Every peer admitted to the stage workers' HTTP port."""
+        return [*self.metrics_from, *(p for p in self.probes_from if p not in self.metrics_from)]
+
+
+@dataclass(frozen=True)
+class SpecDefaults:
+    """What a spec gets from the operator's installation (the chart's values, passed
+    in because this module reads no environment) where it does not say itself."""
+
+    image: str = DEFAULT_IMAGE  # a pipeline without spec.image runs it
+    # spec.networkPolicy.metricsFrom of a spec without one (networkPolicy.metricsFrom)
+    metrics_from: list[dict[str, Any]] = field(default_factory=list)
+    # Admitted to every stage worker's HTTP port whatever the spec says: where kubelet
+    # probes come from on CNIs that do not exempt them (networkPolicy.probesFrom).
+    probes_from: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -789,20 +809,38 @@ def _peer(r: _Reader, data: Mapping[str, Any], path: str) -> dict[str, Any]:
     return {k: _selector(r, r.obj(data, k, f"{path}.{k}"), f"{path}.{k}") for k in selectors}
 
 
-def _network_policy(r: _Reader, spec: Mapping[str, Any]) -> NetworkPolicySpec:
+def _network_policy(
+    r: _Reader, spec: Mapping[str, Any], defaults: SpecDefaults
+) -> NetworkPolicySpec:
     p = "spec.networkPolicy"
     n = r.obj(spec, "networkPolicy", p)
     enabled = n.get("enabled", True)
     if not isinstance(enabled, bool):
         r.problems.append(f"{p}.enabled: must be true or false")
         enabled = True
-    peers = r.list_(n, "metricsFrom", f"{p}.metricsFrom")
-    if len(peers) > MAX_PEERS:
-        r.problems.append(f"{p}.metricsFrom: at most {MAX_PEERS} peers")
+    metrics_from = list(defaults.metrics_from)
+    if n.get("metricsFrom") is not None:
+        metrics_from = _peers(r, n, "metricsFrom", f"{p}.metricsFrom")
     return NetworkPolicySpec(
-        enabled=enabled,
-        metrics_from=[_peer(r, peer, f"{p}.metricsFrom[{i}]") for i, peer in enumerate(peers)],
+        enabled=enabled, metrics_from=metrics_from, probes_from=list(defaults.probes_from)
     )
+
+
+def _peers(r: _Reader, data: Mapping[str, Any], key: str, path: str) -> list[dict[str, Any]]:
+    peers = r.list_(data, key, path)
+    if len(peers) > MAX_PEERS:
+        r.problems.append(f"{path}: at most {MAX_PEERS} peers")
+    return [_peer(r, peer, f"{path}[{i}]") for i, peer in enumerate(peers)]
+
+
+def parse_peers(peers: object, name: str) -> list[dict[str, Any]]:
+    """A list of NetworkPolicyPeers from the operator's installation (`name` says
+    where it came from); raise SpecError naming every problem."""
+    r = _Reader()
+    parsed = _peers(r, {name: peers}, name, name)
+    if r.problems:
+        raise SpecError(r.problems)
+    return parsed
 
 
 # spec.autoscaling's number knobs: CRD field -> (Knobs field, minimum, minimum exclusive).
@@ -946,16 +984,19 @@ def _autoscaling(
     )
 
 
-def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAGE) -> PipelineSpec:
+def parse_spec(
+    spec: Mapping[str, Any] | None, defaults: SpecDefaults | None = None
+) -> PipelineSpec:
     """Default and validate a DiffusionPipeline spec; raise SpecError naming every problem.
 
-    `default_image` is the image of a spec without spec.image: the operator's worker
-    image (the chart's workerImage), passed in because this module reads no environment.
+    `defaults`: what the operator's installation gives a spec that does not say
+    (its worker image, the metrics and probe peers of the chart's networkPolicy).
     """
     r = _Reader()
     spec = spec or {}
+    defaults = defaults or SpecDefaults()
     model = _model(r, spec)
-    image = r.str_(spec, "image", "spec.image") or default_image
+    image = r.str_(spec, "image", "spec.image") or defaults.image
     raw_stages = r.obj(spec, "stages", "spec.stages")
     for extra in sorted(set(raw_stages) - set(STAGES)):
         r.problems.append(f"spec.stages.{extra}: unknown stage (use {', '.join(STAGES)})")
@@ -970,7 +1011,7 @@ def parse_spec(spec: Mapping[str, Any] | None, default_image: str = DEFAULT_IMAG
     transport = _transport(r, r.obj(spec, "transport", "spec.transport"))
     gateway = _gateway(r, spec, image, model)
     autoscaling = _autoscaling(r, r.obj(spec, "autoscaling", "spec.autoscaling"), stages)
-    network_policy = _network_policy(r, spec)
+    network_policy = _network_policy(r, spec, defaults)
     if transport.tls is not None and model.mount_path.rstrip("/") == TLS_MOUNT:
         r.problems.append(
             f"spec.model.mountPath: {TLS_MOUNT} is taken (spec.transport.tls mounts its"
@@ -998,6 +1039,13 @@ def spec_warnings(spec: PipelineSpec) -> list[str]:
         out.append(
             "spec.gateway.jobStore: no persistentVolumeClaim, so the video jobs and finished"
             " videos live in an emptyDir and do not survive the gateway pod"
+        )
+    policy = spec.network_policy
+    if policy.enabled and spec.autoscaling.mode != "Disabled" and not policy.metrics_from:
+        out.append(
+            "spec.networkPolicy.metricsFrom: empty, and the operator has no default (the"
+            " chart's networkPolicy.metricsFrom), so no Prometheus may scrape the stage"
+            " workers and the autoscaler sees no stage metrics"
         )
     return out
 

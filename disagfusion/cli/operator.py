@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
 
 def _cmd_operator(args: argparse.Namespace) -> int:
     require_extra("operator")
-    from disagfusion.operator.run import NoClusterConfig, run_operator
+    from disagfusion.operator.run import BadInstallation, NoClusterConfig, run_operator
 
     namespaces = args.namespace or ([] if args.all_namespaces else ["default"])
     try:
@@ -52,6 +52,6 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             liveness_port=args.liveness_port,
             prometheus_url=args.prometheus_url,
         )
-    except NoClusterConfig as err:
+    except (NoClusterConfig, BadInstallation) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def autoscale(ctx: Context, body: Mapping[str, Any]) -> str:
     try:
         # Parsed as reconcile parses it: the StatefulSets applied here must render the
         # same image (the operator's default for pipelines without spec.image).
-        spec = parse_spec(body.get("spec"), default_image=ctx.worker_image)
+        spec = parse_spec(body.get("spec"), ctx.spec_defaults)
     except SpecError:
         return "invalid"  # reconcile reports it
     with ctx.lock(uid):

@@ -29,7 +29,7 @@ from disagfusion.operator.autoscale.prometheus import Prometheus, PrometheusErro
 from disagfusion.operator.context import Context
 from disagfusion.operator.handlers import build_registry
 from disagfusion.operator.kube import Kube
-from disagfusion.operator.spec import DEFAULT_IMAGE
+from disagfusion.operator.spec import DEFAULT_IMAGE, SpecDefaults
 from disagfusion.scheduling.profile import Profile
 from disagfusion.scheduling.scaling import (
     Decision,
@@ -180,7 +180,7 @@ async def operator(
         prometheus_url=prometheus_url,
         rate_window=WINDOW,
         prometheus_timeout_s=2,
-        worker_image=worker_image,
+        spec_defaults=SpecDefaults(image=worker_image),
     )
     env = contextlib.ExitStack()
     env.enter_context(kubeconfig_env(cluster.url))  # kopf logs in as in production

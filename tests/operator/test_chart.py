@@ -417,11 +417,31 @@ def test_operator_network_policy_follows_the_ports_and_metrics_from() -> None:
         kubernetes_validate.validate(one(docs, "NetworkPolicy"), version, strict=True)
 
 
+def test_the_operator_takes_the_charts_network_peers_for_every_pipeline() -> None:
+    """networkPolicy.metricsFrom and .probesFrom reach the operator (as JSON in its
+    environment), which admits them to every stage worker's HTTP port by default."""
+    from disagfusion.operator.run import spec_defaults_from_env
+    from disagfusion.operator.spec import SpecDefaults
+    from tests.operator.test_examples import METRICS_FROM_SET, MONITORING
+
+    def defaults(values: list[str]) -> SpecDefaults:
+        env = {e["name"]: e.get("value") for e in operator_container(template(values))["env"]}
+        return spec_defaults_from_env(env)
+
+    assert defaults([]) == SpecDefaults()
+    # the examples' install line, as a shell passes it to helm
+    value = METRICS_FROM_SET.removeprefix("--set ").strip("'")
+    nodes = "networkPolicy.probesFrom[0].ipBlock.cidr=172.18.0.0/16"
+    got = defaults([value, nodes])
+    assert got.metrics_from == [MONITORING]
+    assert got.probes_from == [{"ipBlock": {"cidr": "172.18.0.0/16"}}]
+
+
 def test_operator_network_policy_can_be_switched_off(rendered: dict[str, list[Doc]]) -> None:
     assert not by_kind(rendered["no-rbac-no-sa"], "NetworkPolicy")
     assert by_kind(rendered["namespaced-monitors"], "NetworkPolicy")
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["networkPolicy"] == {"enabled": True, "metricsFrom": []}
+    assert values["networkPolicy"] == {"enabled": True, "metricsFrom": [], "probesFrom": []}
 
 
 # --- monitors --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from disagfusion.operator.spec import (
     MAX_SERVED_NAME,
     JobStoreSpec,
     SecretKeyRef,
+    SpecDefaults,
     parse_spec,
     spec_warnings,
     validate_spec,
@@ -416,7 +417,7 @@ def test_wan22_examples_are_sized_by_the_wan21_profile_and_fit_their_cards(name:
 def test_wan22_t2v_shares_a_redis_job_store_between_two_gateways() -> None:
     path = REPO / "examples" / "wan22-t2v-gpu.yaml"
     obj = example(path.name)
-    spec = parse_spec(obj["spec"])
+    spec = parse_spec(obj["spec"], installed(path))
     assert spec.model.source == "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
     assert spec.model.family == "wan" and spec.model.volume is not None
     assert spec.model.volume["persistentVolumeClaim"]["claimName"] == "wan-weights"
@@ -450,7 +451,7 @@ def test_wan22_t2v_shares_a_redis_job_store_between_two_gateways() -> None:
 def test_wan22_i2v_keeps_its_jobs_in_sqlite_on_a_claim_behind_one_gateway() -> None:
     path = REPO / "examples" / "wan22-i2v-gpu.yaml"
     obj = example(path.name)
-    spec = parse_spec(obj["spec"])
+    spec = parse_spec(obj["spec"], installed(path))
     assert spec.model.source == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"
     assert spec.model.family == "wan-i2v"
     assert spec.gateway.replicas == 1
@@ -580,7 +581,7 @@ def test_the_operator_renders_the_tiny_pipeline_on_cpu() -> None:
 
 def images(obj: dict[str, Any], default_image: str = DEFAULT_IMAGE) -> set[str]:
     owner = Owner(obj["metadata"]["name"], "default", "uid-1")
-    children = render_all(owner, parse_spec(obj["spec"], default_image=default_image))
+    children = render_all(owner, parse_spec(obj["spec"], SpecDefaults(image=default_image)))
     return {
         c.body["spec"]["template"]["spec"]["containers"][0]["image"]
         for c in children
@@ -597,6 +598,34 @@ def test_examples_run_the_operators_worker_image(path: Path) -> None:
         assert all("image" not in s for s in spec.get("stages", {}).values())
         assert images(obj) == {DEFAULT_IMAGE}
         assert images(obj, "registry.example.com/w:2") == {"registry.example.com/w:2"}
+
+
+# What an example's install comment adds so that Prometheus (in `monitoring`) may
+# scrape the stage workers through the pipeline's NetworkPolicies.
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+METRICS_FROM_SET = (
+    "--set 'networkPolicy.metricsFrom[0].namespaceSelector.matchLabels"
+    ".kubernetes\\.io/metadata\\.name=monitoring'"
+)
+
+
+def installed(path: Path) -> SpecDefaults:
+    """The operator's defaults after the chart install the example's comments give."""
+    return SpecDefaults(metrics_from=[MONITORING] if METRICS_FROM_SET in path.read_text() else [])
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_autoscaled_examples_let_their_prometheus_through(path: Path) -> None:
+    """An example the autoscaler watches (or advises on) says how to admit Prometheus
+    to its workers, and with that install draws no metricsFrom warning."""
+    for obj in pipelines(path):
+        spec = parse_spec(obj["spec"], installed(path))
+        if spec.autoscaling.mode == "Disabled" or not spec.autoscaling.profile_name:
+            continue
+        assert [w for w in spec_warnings(spec) if "metricsFrom" in w] == [], path.name
+        bare = spec_warnings(parse_spec(obj["spec"]))  # the chart's defaults: nobody
+        if not obj["spec"].get("networkPolicy", {}).get("metricsFrom"):
+            assert any(w.startswith("spec.networkPolicy.metricsFrom: empty") for w in bare)
 
 
 def comment_lines(path: Path) -> set[str]:

@@ -8,6 +8,7 @@ real cluster.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -16,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 import yaml
 
@@ -35,6 +37,9 @@ from tests.operator.kubeconfig import write_kubeconfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny-local.yaml"
 TOKEN = "s3cret-token"
+NETPOL = kmock.resource("networking.k8s.io", "v1", "networkpolicies")
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+NODES = {"ipBlock": {"cidr": "172.18.0.0/16"}}
 WORKER_IMAGE = "registry.example/disagfusion-worker:9"
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,6 +78,8 @@ async def test_operator_logs_in_with_a_kubeconfig_and_reconciles_the_example(
     metrics_port = free_port()
     env = _operator_env(kubeconfig)
     env["DISAGFUSION_WORKER_IMAGE"] = WORKER_IMAGE  # as the chart sets it
+    env["DISAGFUSION_METRICS_FROM"] = json.dumps([PROMETHEUS])
+    env["DISAGFUSION_PROBES_FROM"] = json.dumps([NODES])
     proc = await _start_operator(env, "--all-namespaces", "--metrics-port", str(metrics_port))
     try:
         body: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
@@ -85,6 +92,13 @@ async def test_operator_logs_in_with_a_kubeconfig_and_reconciles_the_example(
             # The example sets no spec.image: the chart's worker image is used.
             assert sts["spec"]["template"]["spec"]["containers"][0]["image"] == WORKER_IMAGE
             await eventually(partial(cluster.get, SVC, f"{name}-{stage}"))
+        # The chart's peers are admitted to every stage worker's HTTP port.
+        for stage in STAGES:
+            policy = await eventually(partial(cluster.get, NETPOL, f"{name}-{stage}"))
+            http = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == 8080]
+            assert http == [
+                {"from": [PROMETHEUS, NODES], "ports": [{"protocol": "TCP", "port": 8080}]}
+            ]
         await eventually(lambda: cluster.get(DEPLOY, f"{name}-gateway"))
         await eventually(lambda: cluster.get(SVC, f"{name}-gateway"))
         status = await eventually(
@@ -129,3 +143,23 @@ async def test_operator_without_any_cluster_configuration_says_so_in_one_line(
     assert len(lines) == 1, lines
     assert "KUBECONFIG" in lines[0] and "cluster" in lines[0]
     assert "Traceback" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("[{namespaceSelector: x}]", "DISAGFUSION_METRICS_FROM is not JSON"),
+        ('[{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]', "set ipBlock, or"),
+    ],
+)
+async def test_operator_with_bad_network_peers_from_the_chart_says_so_in_one_line(
+    cluster: Cluster, tmp_path: Path, value: str, says: str
+) -> None:
+    env = _operator_env(write_kubeconfig(tmp_path / "kubeconfig", cluster.url, TOKEN))
+    env["DISAGFUSION_METRICS_FROM"] = value
+    proc = await _start_operator(env, "--metrics-port", "0")
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    lines = out.decode().strip().splitlines()
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and says in lines[0], lines
+    assert "DISAGFUSION_METRICS_FROM" in lines[0]

@@ -40,6 +40,7 @@ from disagfusion.operator.spec import (
     JobStoreSpec,
     PipelineSpec,
     SecretKeyRef,
+    SpecDefaults,
     SpecError,
     parse_spec,
     spec_warnings,
@@ -95,15 +96,15 @@ def images(s: PipelineSpec) -> dict[str, str]:
 
 
 def test_the_operators_worker_image_is_the_default() -> None:
-    """parse_spec's default_image (the operator's DISAGFUSION_WORKER_IMAGE) fills spec.image."""
-    s = parse_spec(spec(), default_image="registry.example.com/w:2")
+    """SpecDefaults.image (the operator's DISAGFUSION_WORKER_IMAGE) fills spec.image."""
+    s = parse_spec(spec(), SpecDefaults(image="registry.example.com/w:2"))
     assert s.image == s.gateway.image == "registry.example.com/w:2"
     assert {st.image for st in s.stages.values()} == {"registry.example.com/w:2"}
     assert set(images(s).values()) == {"registry.example.com/w:2"}
     # The pipeline's own images win over the operator's.
     own = parse_spec(
         spec(image="mine:1", stages={"decoder": {"image": "dec:1"}}, gateway={"image": "gw:1"}),
-        default_image="registry.example.com/w:2",
+        SpecDefaults(image="registry.example.com/w:2"),
     )
     assert images(own) == {
         "StatefulSet/sd-encoder": "mine:1",

@@ -38,13 +38,18 @@ from disagfusion.operator.render import (
     Child,
     Owner,
 )
-from disagfusion.operator.spec import SpecError, parse_spec, validate_spec
+from disagfusion.operator.spec import SpecDefaults, SpecError, parse_spec, validate_spec
 
 OWNER = Owner(name="sd", namespace="ml", uid="uid-1")
 K8S_VERSIONS = ["1.30.0", f"{kubernetes_validate.latest_version()}.0"]
 # Namespace -> its labels (the API server sets kubernetes.io/metadata.name on every one).
 NAMESPACES = {ns: {"kubernetes.io/metadata.name": ns} for ns in ("ml", "elsewhere", "monitoring")}
+NAMESPACES["(node)"] = {}  # a node's own address (the kubelet) is in no namespace
 PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+NODE_IP = "172.18.0.2"
+NODES = {"ipBlock": {"cidr": "172.18.0.0/16"}}
+# The chart's networkPolicy.metricsFrom and .probesFrom, as the operator gets them.
+CHART = SpecDefaults(metrics_from=[PROMETHEUS], probes_from=[NODES])
 POOLS = [
     {"name": "h100", "accelerator": "H100", "replicas": 1, "maxReplicas": 2},
     {"name": "cpu", "accelerator": "cpu", "replicas": 1, "maxReplicas": 2},
@@ -213,15 +218,18 @@ class World:
         }
 
 
-def world(raw: dict[str, Any]) -> World:
-    children = render_all(OWNER, parse_spec(raw))
-    other = render_all(Owner("other", "ml", "uid-2"), parse_spec(raw))
-    twin = render_all(Owner("sd", "elsewhere", "uid-3"), parse_spec(raw))
+def world(raw: dict[str, Any], defaults: SpecDefaults | None = None) -> World:
+    """Our pipeline, another in our namespace and a twin in another, all parsed with
+    the operator's `defaults`; and pods that are none of theirs."""
+    children = render_all(OWNER, parse_spec(raw, defaults))
+    other = render_all(Owner("other", "ml", "uid-2"), parse_spec(raw, defaults))
+    twin = render_all(Owner("sd", "elsewhere", "uid-3"), parse_spec(raw, defaults))
     strangers = {f"other/{k}": v for k, v in pods_of(other, "ml").items()}
     strangers |= {f"elsewhere/{k}": v for k, v in pods_of(twin, "elsewhere").items()}
     strangers |= {
         "prometheus": Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}),
         "random-ml-pod": Pod("random", "ml", {"app": "notebook"}),
+        "kubelet": Pod("kubelet", "(node)", {}, ip=NODE_IP),  # probes come from the node
     }
     # Every pipeline's policies are in the cluster at once.
     return World(
@@ -306,6 +314,28 @@ def test_the_stage_http_port_admits_only_metrics_from() -> None:
         )
     )
     assert both.admitted("sd-decoder", HTTP_PORT) == {"prometheus", "random-ml-pod"}
+
+
+def test_the_charts_peers_are_the_default_and_its_probe_sources_always_admitted() -> None:
+    w = world(pooled(), CHART)
+    for stage in STAGE_PODS:
+        assert w.admitted(stage, HTTP_PORT) == {"prometheus", "kubelet"}
+        assert not {"prometheus", "kubelet"} & w.admitted(stage, GRPC_PORT)
+    assert "kubelet" not in w.admitted("sd-gateway", RESULT_PORT)
+    # The pipeline's own metricsFrom replaces the chart's; the probe sources stay.
+    notebook = {"podSelector": {"matchLabels": {"app": "notebook"}}}
+    own = world(pooled(networkPolicy={"metricsFrom": [notebook]}), CHART)
+    assert own.admitted("sd-decoder", HTTP_PORT) == {"random-ml-pod", "kubelet"}
+    # An explicit empty list admits no scraper at all.
+    none = world(pooled(networkPolicy={"metricsFrom": []}), CHART)
+    assert none.admitted("sd-decoder", HTTP_PORT) == {"kubelet"}
+    # A peer in both lists is listed once.
+    same = parse_spec(spec(), SpecDefaults(metrics_from=[NODES], probes_from=[NODES]))
+    assert same.network_policy.http_from == [NODES]
+    for child in render_all(OWNER, parse_spec(pooled(), CHART)):
+        if child.kind == "NetworkPolicy":
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(child.body, version, strict=True)
 
 
 def test_other_ports_and_other_pipelines_are_refused() -> None:

@@ -31,7 +31,8 @@ from tests.worker.runtime_harness import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
-LONG_PROMPT = " ".join(["a very detailed lighthouse on a cliff at dusk"] * 100)  # over every max length
+# Longer than every text encoder's max length: the encoders truncate it.
+LONG_PROMPT = " ".join(["a very detailed lighthouse on a cliff at dusk"] * 100)
 START_S = 120.0
 
 
