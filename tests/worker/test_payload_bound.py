@@ -9,12 +9,7 @@ more before reading or allocating anything.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,13 +22,13 @@ from disagfusion.worker.models.families.base import MAX_REFERENCE_SIDE
 from disagfusion.worker.models.stages import StageModel
 from disagfusion.worker.params import DEFAULT_MAX_IMAGES, GenerationParams
 from disagfusion.worker.runtime.payload import DEFAULT_MAX_PAYLOAD_BYTES
+from tests.worker.commands import http_ready, running
 from tests.worker.runtime_harness import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
 # Longer than every text encoder's max length: the encoders truncate it.
 LONG_PROMPT = " ".join(["a very detailed lighthouse on a cliff at dusk"] * 100)
-START_S = 120.0
 
 
 def _largest(stage: StageModel, n: int) -> GenerationParams:
@@ -87,36 +82,15 @@ def test_the_largest_request_fits_and_the_bound_is_the_models(builtin: str) -> N
 # ---- as a pod runs it ---------------------------------------------------------------
 
 
-def _ready(http_port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def decoder_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`disagfusion worker --stage decoder` of tiny-unet, for requests of up to 2 images."""
     port, http_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    argv = [
-        *(sys.executable, "-m", "disagfusion", "worker", "--stage", "decoder"),
-        *("--model", "builtin:tiny-unet", "--max-images", "2"),
-        *("--port", str(port), "--http-port", str(http_port)),
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_S
-        while not _ready(http_port):
-            assert proc.poll() is None, Path(log).read_text()
-            assert time.monotonic() < deadline, Path(log).read_text()
-            time.sleep(0.2)
+    args = ["worker", "--stage", "decoder", "--model", "builtin:tiny-unet", "--max-images", "2"]
+    args += ["--port", str(port), "--http-port", str(http_port)]
+    with running(args, log, lambda: http_ready(f"http://127.0.0.1:{http_port}")):
         yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def _submit_header(address: str, meta: pb.TensorMeta) -> pb.Ack:

@@ -32,9 +32,9 @@ from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.serve import GatewayOptions
 from disagfusion.worker.local.launcher import free_port
 from disagfusion.worker.runtime.payload import Payload, data_chunks, header_of, params_from_proto
+from tests.worker.commands import http_ready, running
 
 HOST = "127.0.0.1"
-START_S = 120.0  # importing torch and describing the builtin model on a loaded machine
 PNG = b"\x89PNG\r\n\x1a\nresult-port test"
 
 
@@ -70,14 +70,6 @@ class RunningGateway:
         return f"http://{HOST}:{self.http_port}"
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=1.0) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     stage = RecordingStage()
@@ -87,26 +79,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     server.start()
     http_port, grpc_port, result_port = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    argv = [sys.executable, "-m", "disagfusion", "gateway", "--model", "builtin:tiny-unet"]
-    argv += ["--port", str(http_port), "--grpc-port", str(grpc_port)]
-    argv += ["--result-port", str(result_port), "--request-timeout", "60"]
-    argv += ["--topology", json.dumps({"monolithic": [f"{HOST}:{stage_port}"]})]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    args = ["gateway", "--model", "builtin:tiny-unet"]
+    args += ["--port", str(http_port), "--grpc-port", str(grpc_port)]
+    args += ["--result-port", str(result_port), "--request-timeout", "60"]
+    args += ["--topology", json.dumps({"monolithic": [f"{HOST}:{stage_port}"]})]
     try:
-        deadline = time.monotonic() + START_S
-        while not _ready(f"http://{HOST}:{http_port}"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gateway not ready (exit {proc.poll()}):\n{log.read_text()}")
-            time.sleep(0.2)
-        yield RunningGateway(http_port, grpc_port, result_port, stage, log)
+        with running(args, log, lambda: http_ready(f"http://{HOST}:{http_port}")):
+            yield RunningGateway(http_port, grpc_port, result_port, stage, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         server.stop(None)
 
 

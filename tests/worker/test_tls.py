@@ -11,7 +11,6 @@ import base64
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,10 +30,10 @@ from disagfusion.worker.security.tls import (
     data_plane_problem,
     load_tls,
 )
+from tests.worker.commands import running
 from tests.worker.serve_local import ServeLocal, wait_gone
 
 HOST = "127.0.0.1"
-START_S = 120.0  # a worker imports torch before it listens; the machine may be busy
 PNG = b"\x89PNG\r\n\x1a\n"
 TOPOLOGY = '{"monolithic": ["127.0.0.1:1"]}'
 
@@ -247,29 +246,19 @@ def _refused(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.
 def tls_worker(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    argv = [sys.executable, "-m", "disagfusion", *_worker_argv(*pki.files.flags())]
-    argv[argv.index("--port") + 1] = str(port)
+    args = _worker_argv(*pki.files.flags())
+    args[args.index("--port") + 1] = str(port)
     address = f"{HOST}:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + START_S
-        while True:
-            try:
-                _health(address, _credentials(pki.peer, pki.files.ca))
-                break
-            except grpc.RpcError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"worker not up (exit {proc.poll()}):\n{log.read_text()}")
-                time.sleep(0.3)
-        yield address
-    finally:
-        proc.terminate()
+
+    def up() -> bool:
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            _health(address, _credentials(pki.peer, pki.files.ca))
+        except grpc.RpcError:
+            return False
+        return True
+
+    with running(args, log, up):
+        yield address
 
 
 def test_a_peer_with_a_certificate_of_the_pipelines_ca_is_accepted(
