@@ -10,6 +10,7 @@ more before reading or allocating anything.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -83,14 +84,14 @@ def test_the_largest_request_fits_and_the_bound_is_the_models(builtin: str) -> N
 
 
 @pytest.fixture(scope="module")
-def decoder_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def decoder_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """`disagfusion worker --stage decoder` of tiny-unet, for requests of up to 2 images."""
     port, http_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     args = ["worker", "--stage", "decoder", "--model", "builtin:tiny-unet", "--max-images", "2"]
     args += ["--port", str(port), "--http-port", str(http_port)]
     with running(args, log, lambda: http_ready(f"http://127.0.0.1:{http_port}")):
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", log
 
 
 def _submit_header(address: str, meta: pb.TensorMeta) -> pb.Ack:
@@ -109,8 +110,12 @@ def _submit_header(address: str, meta: pb.TensorMeta) -> pb.Ack:
     return acks[0]
 
 
-def test_a_worker_refuses_a_payload_its_model_cannot_need(decoder_worker: str) -> None:
+def test_a_worker_refuses_a_payload_its_model_cannot_need(
+    decoder_worker: tuple[str, Path],
+) -> None:
+    address, log = decoder_worker
     bound = load_stage("decoder", "builtin:tiny-unet").max_input_bytes(2)
+    assert f"decoder takes payloads of at most {bound / 1024:.1f} KiB" in log.read_text()
     # 256 MiB of "latents": under the runtime's 1 GiB fallback, far over the model's bound
     side = 8192
     meta = pb.TensorMeta(
@@ -120,7 +125,7 @@ def test_a_worker_refuses_a_payload_its_model_cannot_need(decoder_worker: str) -
         nbytes=side * side * 4,
         location=pb.INLINE,
     )
-    ack = _submit_header(decoder_worker, meta)
+    ack = _submit_header(address, meta)
     assert ack.status == pb.Ack.REJECTED and not ack.retryable
     assert f"declares at least {side * side * 4} bytes" in ack.reason
     assert f"takes at most {bound}" in ack.reason
@@ -128,4 +133,4 @@ def test_a_worker_refuses_a_payload_its_model_cannot_need(decoder_worker: str) -
     over = pb.TensorMeta(
         name="latents", shape=[bound + 1], dtype="uint8", nbytes=bound + 1, location=pb.INLINE
     )
-    assert f"takes at most {bound}" in _submit_header(decoder_worker, over).reason
+    assert f"takes at most {bound}" in _submit_header(address, over).reason

@@ -197,11 +197,7 @@ class StageRuntime(pb_grpc.StageServicer):
         bound = input_bound(loaded)
         if bound is not None:
             self.max_payload_bytes = min(self.config.max_payload_bytes, bound)
-        log.info(
-            "%s takes payloads of at most %.1f MiB",
-            self.config.role,
-            self.max_payload_bytes / (1 << 20),
-        )
+        log.info("%s takes payloads of at most %s", self.config.role, _size(self.max_payload_bytes))
         self.metrics.max_batch.set(self._max_batch)
         self.metrics.queue_capacity.set(self._room)
         self._add_senders(self._outbox_capacity)
@@ -577,3 +573,10 @@ async def start_grpc_server(
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
     return server
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
