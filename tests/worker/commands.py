@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,15 +12,6 @@ from pathlib import Path
 import pytest
 
 START_S = 120.0  # loading a model on a busy CI machine
-
-
-def http_ready(url: str) -> bool:
-    """Whether `url`/readyz answers 200 (a worker's or a gateway's HTTP port)."""
-    try:
-        with urllib.request.urlopen(url + "/readyz", timeout=1.0) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @contextmanager

@@ -10,6 +10,7 @@ more before reading or allocating anything.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -20,34 +21,16 @@ from disagfusion.proto import disagfusion_pb2 as pb
 from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.models import BUILTIN_NAMES, load_stage
 from disagfusion.worker.models.families.base import MAX_REFERENCE_SIDE
-from disagfusion.worker.models.stages import StageModel
-from disagfusion.worker.params import DEFAULT_MAX_IMAGES, GenerationParams
+from disagfusion.worker.params import DEFAULT_MAX_IMAGES
 from disagfusion.worker.runtime.payload import DEFAULT_MAX_PAYLOAD_BYTES
-from tests.worker.commands import http_ready, running
+from tests.worker.commands import running
 from tests.worker.runtime_harness import free_port
+from tests.worker.serve_local import is_ready
 
 pytestmark = pytest.mark.timeout(300)
 
 # Longer than every text encoder's max length: the encoders truncate it.
 LONG_PROMPT = " ".join(["a very detailed lighthouse on a cliff at dusk"] * 100)
-
-
-def _largest(stage: StageModel, n: int) -> GenerationParams:
-    info = stage.info
-    frames = info.max_frames
-    if info.frame_step:
-        frames = 1 + (frames - 1) // info.frame_step * info.frame_step
-    side = info.max_size - info.max_size % info.size_multiple
-    return GenerationParams(
-        prompt=LONG_PROMPT,
-        negative_prompt=LONG_PROMPT if stage.family.negative_prompt else "",
-        width=side,
-        height=side,
-        num_images=n,
-        num_frames=frames,
-        guidance_scale=7.5,
-        num_inference_steps=1,
-    )
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -59,7 +42,7 @@ def test_the_largest_request_fits_and_the_bound_is_the_models(builtin: str) -> N
     model = f"builtin:{builtin}"
     encoder, denoiser, decoder = (load_stage(r, model) for r in ("encoder", "denoiser", "decoder"))
     n = DEFAULT_MAX_IMAGES
-    params = _largest(denoiser, n)
+    params = replace(denoiser.largest_request(n, LONG_PROMPT), num_inference_steps=1)
     inputs: dict[str, torch.Tensor] = {}
     if denoiser.info.reference == "required":
         side = MAX_REFERENCE_SIDE
@@ -90,7 +73,7 @@ def decoder_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[s
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     args = ["worker", "--stage", "decoder", "--model", "builtin:tiny-unet", "--max-images", "2"]
     args += ["--port", str(port), "--http-port", str(http_port)]
-    with running(args, log, lambda: http_ready(f"http://127.0.0.1:{http_port}")):
+    with running(args, log, lambda: is_ready(f"http://127.0.0.1:{http_port}")):
         yield f"127.0.0.1:{port}", log
 
 

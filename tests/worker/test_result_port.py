@@ -32,7 +32,8 @@ from disagfusion.proto import disagfusion_pb2_grpc as pb_grpc
 from disagfusion.worker.gateway.serve import GatewayOptions
 from disagfusion.worker.local.launcher import free_port
 from disagfusion.worker.runtime.payload import Payload, data_chunks, header_of, params_from_proto
-from tests.worker.commands import http_ready, running
+from tests.worker.commands import running
+from tests.worker.serve_local import is_ready
 
 HOST = "127.0.0.1"
 PNG = b"\x89PNG\r\n\x1a\nresult-port test"
@@ -84,7 +85,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway
     args += ["--result-port", str(result_port), "--request-timeout", "60"]
     args += ["--topology", json.dumps({"monolithic": [f"{HOST}:{stage_port}"]})]
     try:
-        with running(args, log, lambda: http_ready(f"http://{HOST}:{http_port}")):
+        with running(args, log, lambda: is_ready(f"http://{HOST}:{http_port}")):
             yield RunningGateway(http_port, grpc_port, result_port, stage, log)
     finally:
         server.stop(None)

@@ -155,23 +155,29 @@ class StageModel:
         `max_images` images, with guidance), free dimensions at the family's
         bound, elements at their widest. A receiver refuses a payload
         declaring more before allocating anything."""
+        largest = self.largest_request(max_images)
+        return max(
+            sum(self._spec_bytes(name, spec) for name, spec in self._expected_inputs(p).items())
+            for p in (largest, replace(largest, guidance_scale=1.0, negative_prompt=""))
+        )
+
+    def largest_request(self, max_images: int, prompt: str = "") -> GenerationParams:
+        """The request with the largest inputs this model serves: its largest square
+        size and clip length, `max_images` images, guidance on (with a negative
+        prompt where the family takes one)."""
         info = self.info
         side = info.max_size - info.max_size % info.size_multiple
         frames = info.max_frames
         if info.frame_step:
             frames = 1 + (frames - 1) // info.frame_step * info.frame_step
-        largest = GenerationParams(
-            prompt="",
-            negative_prompt="-" if self.family.negative_prompt else "",
+        return GenerationParams(
+            prompt=prompt,
+            negative_prompt=(prompt or "-") if self.family.negative_prompt else "",
             width=side,
             height=side,
             num_images=max_images,
             num_frames=frames,
             guidance_scale=7.5,
-        )
-        return max(
-            sum(self._spec_bytes(name, spec) for name, spec in self._expected_inputs(p).items())
-            for p in (largest, replace(largest, guidance_scale=1.0, negative_prompt=""))
         )
 
     def _spec_bytes(self, name: str, spec: TensorSpec) -> int:
